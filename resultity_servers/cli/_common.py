@@ -1,0 +1,60 @@
+"""Helpers shared by the CLI's command modules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CLIError", "read_json_file", "write_json_file"]
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, no traceback; ``status`` is the exit code."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def read_json_file(path: str | Path, what: str = "file") -> Any:
+    """Read and parse a JSON file, turning every failure into a CLIError naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CLIError(f"{what} {p}: no such file") from None
+    except IsADirectoryError:
+        raise CLIError(f"{what} {p}: is a directory") from None
+    except PermissionError:
+        raise CLIError(f"{what} {p}: permission denied") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"{what} {p}: not UTF-8 text") from None
+    except OSError as exc:
+        raise CLIError(f"{what} {p}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{what} {p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def write_json_file(path: str | Path, value: Any, *, mode: int | None = None) -> None:
+    """Write ``value`` as indented JSON atomically (temp file + rename); ``mode`` sets permissions."""
+    import os
+
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        raise CLIError(f"cannot write {p}: directory {p.parent} does not exist")
+    tmp = p.with_name(f".{p.name}.tmp")
+    data = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is None else mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        else:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except OSError as exc:
+        raise CLIError(f"cannot write {p}: {exc.strerror or exc}") from None
