@@ -8,14 +8,24 @@ __all__ = [
     "ExpiredError",
     "FutureDatedError",
     "HashMismatchError",
+    "InsufficientQuotaError",
+    "InternalServerError",
+    "InvalidAPIKeyError",
+    "InvalidRequestError",
     "KeyFileError",
     "MalformedEnvelopeError",
+    "ModelNotFoundError",
+    "NoCapacityError",
+    "OpenAIRequestError",
     "PayloadFormatError",
+    "RateLimitedError",
     "ReplayError",
+    "RequestTooLargeError",
     "ResultityError",
     "RollbackError",
     "RootVersionError",
     "RuleViolationError",
+    "SSEEncodingError",
     "SignatureVerificationError",
     "ThresholdNotMetError",
     "UnknownKeyError",
@@ -158,3 +168,116 @@ class ReplayError(RuleViolationError):
 
 class WrongNodeError(RuleViolationError):
     """A command addressed to another node."""
+
+
+# --- OpenAI protocol and SSE (resultity_core._openai*, resultity_core._sse) ----------------
+
+
+class OpenAIRequestError(ResultityError):
+    """Base of the errors the OpenAI-compatible API answers with an HTTP status and error body.
+
+    ``status`` is the HTTP status, ``type``/``code``/``param``/``message`` fill
+    ``{"error": {"message", "type", "param", "code"}}`` (see ``to_error_body``).
+    """
+
+    status: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
+    default_message: str = "The server had an error while processing your request."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        self.message = message if message is not None else self.default_message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.type = self.error_type
+        if status is not None:
+            self.status = status
+        super().__init__(self.message)
+
+    def to_error_body(self) -> dict[str, dict[str, str | None]]:
+        """Return exactly ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(OpenAIRequestError, ValueError):
+    """400: the request body is malformed or a value is invalid; ``param`` names the field."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    default_message = "The request is invalid."
+
+
+class RequestTooLargeError(OpenAIRequestError):
+    """413: the request body exceeds the size limit."""
+
+    status = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+    default_message = "The request body is too large."
+
+
+class InvalidAPIKeyError(OpenAIRequestError):
+    """401: no API key, or one that matches no account."""
+
+    status = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+    default_message = "Incorrect API key provided."
+
+
+class InsufficientQuotaError(OpenAIRequestError):
+    """402 (default) or 429: the account has not enough credits for the request's worst case."""
+
+    status = 402
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+    default_message = "You exceeded your current quota: the account has not enough credits."
+
+
+class ModelNotFoundError(OpenAIRequestError):
+    """404: no approved model has this name."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+    default_message = "The model does not exist."
+
+
+class RateLimitedError(OpenAIRequestError):
+    """429: too many requests; the client may retry later."""
+
+    status = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
+    default_message = "Rate limit reached; retry later."
+
+
+class NoCapacityError(OpenAIRequestError):
+    """503: no live node can serve the model right now."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "no_capacity"
+    default_message = "No node can serve this model right now; retry later."
+
+
+class InternalServerError(OpenAIRequestError):
+    """500: a failure on our side (never used for bad input)."""
+
+
+class SSEEncodingError(ResultityError, ValueError):
+    """An SSE field cannot be encoded (a line break or NUL in ``event`` or ``id``, bad retry)."""
