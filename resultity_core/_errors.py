@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 __all__ = [
+    "AccountExistsError",
     "BadSignatureError",
     "CanonicalEncodingError",
+    "ChargeExceedsReservationError",
+    "DuplicateReservationError",
     "ExpiredError",
     "FutureDatedError",
     "HashMismatchError",
+    "InsufficientCreditsError",
     "InsufficientQuotaError",
     "InternalServerError",
     "InvalidAPIKeyError",
+    "InvalidAmountError",
     "InvalidRequestError",
+    "InvalidTransitionError",
     "KeyFileError",
+    "LedgerError",
     "MalformedEnvelopeError",
     "ModelNotFoundError",
     "NoCapacityError",
@@ -28,7 +35,10 @@ __all__ = [
     "SSEEncodingError",
     "SignatureVerificationError",
     "ThresholdNotMetError",
+    "UnknownAccountError",
     "UnknownKeyError",
+    "UnknownReservationError",
+    "WireMessageError",
     "WrongNodeError",
     "WrongPayloadTypeError",
 ]
@@ -46,6 +56,85 @@ class CanonicalEncodingError(ResultityError, ValueError):
         self.reason = reason
         where = path or "<root>"
         super().__init__(f"{where}: {reason}")
+
+
+# --- ledger (resultity_core._ledger) -------------------------------------------------------
+
+
+class LedgerError(ResultityError):
+    """Base of every ledger refusal; the state it was applied to is left unchanged."""
+
+
+class InvalidAmountError(LedgerError, ValueError):
+    """A ledger argument has the wrong type or range; ``field`` names it."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+class InsufficientCreditsError(LedgerError):
+    """A reservation would take an account's balance below zero."""
+
+    def __init__(self, account: str, balance: int, requested: int) -> None:
+        self.account = account
+        self.balance = balance
+        self.requested = requested
+        super().__init__(
+            f"account {account!r} has {balance} micro-credits, {requested} were requested"
+        )
+
+
+class UnknownAccountError(LedgerError, KeyError):
+    """The ledger has no account with this id."""
+
+    def __str__(self) -> str:
+        return f"unknown account {self.args[0]!r}"
+
+
+class AccountExistsError(LedgerError):
+    """An account with this id is already open."""
+
+
+class UnknownReservationError(LedgerError, KeyError):
+    """The ledger has no open reservation with this id (never made, or already settled/released)."""
+
+    def __str__(self) -> str:
+        return f"unknown reservation {self.args[0]!r}"
+
+
+class DuplicateReservationError(LedgerError):
+    """A reservation with this id is already open."""
+
+
+class ChargeExceedsReservationError(LedgerError):
+    """A settlement charges more than was reserved (and capping was not asked for)."""
+
+
+# --- state machines (resultity_core._jobstate) ---------------------------------------------
+
+
+class InvalidTransitionError(ResultityError):
+    """An event is not allowed in the current state of a job or node state machine."""
+
+    def __init__(self, machine: str, state: str, event: str) -> None:
+        self.machine = machine
+        self.state = state
+        self.event = event
+        super().__init__(f"{machine}: event {event!r} is not allowed in state {state!r}")
+
+
+# --- node <-> network wire messages (resultity_core._wire) ----------------------------------
+
+
+class WireMessageError(ResultityError, ValueError):
+    """A wire message payload is malformed; ``field`` names the offending field."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
 
 
 # --- keys, signed envelopes, trust root, formats, node rules (_keys, _envelope, _trust, ...) --
