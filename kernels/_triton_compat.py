@@ -1,0 +1,143 @@
+"""Optional Triton import and the shared checks every kernel wrapper runs before a launch.
+
+``import resultity_kernels`` must work on a machine with only torch installed. Kernels are
+therefore declared with :func:`lazy_jit`, which keeps the plain Python function and hands it to
+``triton.jit`` on the first launch. Deferring the decoration also means ``TRITON_INTERPRET`` is
+read when a kernel first runs, not when the module is imported, so test set-up order does not
+matter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+try:  # triton is optional: the PyTorch references work without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+__all__ = [
+    "HAS_TRITON",
+    "KernelUnavailableError",
+    "cdiv",
+    "check_device",
+    "check_tensor",
+    "interpreting",
+    "lazy_jit",
+    "next_pow2",
+    "tl",
+    "triton",
+]
+
+HAS_TRITON = triton is not None
+
+
+class KernelUnavailableError(RuntimeError):
+    """A Triton kernel was called where it cannot run (triton missing, or no GPU to run on)."""
+
+
+def interpreting() -> bool:
+    """Return True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def cdiv(a: int, b: int) -> int:
+    """Return ceil(a / b) for positive b."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Return the smallest power of two that is >= n (and >= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+class _LazyKernel:
+    """A kernel function that becomes a ``triton.jit`` kernel on its first launch."""
+
+    def __init__(self, fn: Callable[..., None]) -> None:
+        self.fn = fn
+        self._jitted: Any = None
+        self._interpret: bool | None = None
+
+    def _get(self) -> Any:
+        if triton is None:
+            raise KernelUnavailableError(
+                f"{self.fn.__name__} needs triton, which is not installed; "
+                "use the *_ref PyTorch function instead"
+            )
+        mode = interpreting()
+        if self._jitted is None or self._interpret != mode:
+            self._jitted = triton.jit(self.fn)
+            self._interpret = mode
+        return self._jitted
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self._get()[grid]
+
+
+def lazy_jit(fn: Callable[..., None]) -> _LazyKernel:
+    """Declare a Triton kernel; it is compiled (or interpreted) on the first launch."""
+    return _LazyKernel(fn)
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """Raise unless ``t`` lives where a Triton kernel can read it (CUDA, or CPU when interpreting).
+
+    Raises:
+        KernelUnavailableError: triton is missing.
+        ValueError: the tensor is on a device the kernel cannot use.
+    """
+    if triton is None:
+        raise KernelUnavailableError("triton is not installed; use the *_ref PyTorch functions")
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreting():
+        return
+    raise ValueError(
+        f"{name} is on {t.device}; Triton kernels need a CUDA tensor "
+        "(or a CPU tensor with TRITON_INTERPRET=1)"
+    )
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    shape: Sequence[int | None] | None = None,
+    last_contiguous: bool = False,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """Check one kernel argument and return it typed as a tensor.
+
+    Raises:
+        ValueError: naming ``name`` when the type, rank, dtype, device, shape or strides are wrong.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise ValueError(f"{name} has dtype {t.dtype}; expected one of {allowed}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} like the other inputs")
+    if shape is not None:
+        for i, (got, want) in enumerate(zip(t.shape, shape, strict=True)):
+            if want is not None and got != want:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}; dimension {i} must be {want}"
+                )
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (strides {t.stride()})")
+    if last_contiguous and t.numel() > 0 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a unit stride in its last dimension ({t.stride()})")
+    return t
