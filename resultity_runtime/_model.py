@@ -1,0 +1,150 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) over a flattened batch and a paged KV cache.
+
+Weights are fused at load time: ``qkv_proj`` is q, k and v stacked, ``gate_up_proj`` is gate
+and up stacked, so each layer runs three large matmuls and one attention call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._attention import AttentionBackend, AttentionMetadata
+from ._config import ModelConfig
+
+__all__ = ["KVCache", "LlamaForCausalLM", "rope_inv_freq"]
+
+KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Return the float32 RoPE inverse frequencies ``[D/2]``, Llama-3 scaled when configured.
+
+    Computed exactly as transformers does, so positions rotate bit-identically.
+    """
+    d = config.head_dim
+    inv = 1.0 / (
+        config.rope_theta
+        ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").to(torch.float32) / d)
+    )
+    rs = config.rope_scaling
+    if rs is None:
+        return inv
+    old = rs.original_max_position_embeddings
+    low_wavelen = old / rs.low_freq_factor
+    high_wavelen = old / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in float32, as transformers does, then scale in the model dtype
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [N, H, D]; cos/sin: [N, 1, D]; neox layout (halves), as transformers' rotate_half
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.hq, self.hkv, self.d = config.num_attention_heads, config.num_key_value_heads, d
+        self.scale = d**-0.5
+        self.input_layernorm = RMSNorm(h, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, config.rms_norm_eps)
+        self.qkv_proj = nn.Linear(h, (self.hq + 2 * self.hkv) * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.hq * d, h, bias=config.o_bias)
+        self.gate_up_proj = nn.Linear(h, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, h, bias=False)
+
+    def forward(  # noqa: PLR0917
+        self,
+        x: Tensor,  # [N, H]
+        cos: Tensor,  # [N, 1, D]
+        sin: Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> Tensor:  # [N, H]
+        n = x.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(x))  # [N, (Hq + 2 Hkv) * D]
+        qk = qkv[:, : (self.hq + self.hkv) * self.d].view(n, self.hq + self.hkv, self.d)
+        qk = _rotate(qk, cos, sin)  # rotate q and k heads together
+        q, k = qk[:, : self.hq], qk[:, self.hq :]  # [N, Hq, D], [N, Hkv, D]
+        v = qkv[:, (self.hq + self.hkv) * self.d :].view(n, self.hkv, self.d)
+        o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [N, Hq, D]
+        x = x + self.o_proj(o.reshape(n, self.hq * self.d))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        out: Tensor = x + self.down_proj(F.silu(gate) * up)
+        return out
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder: ``forward`` returns final-normed hidden states, ``compute_logits`` logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # a plain attribute, not a buffer: it must stay float32 whatever the model dtype
+        self._inv_freq = rope_inv_freq(config)
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with lm_head when the config ties them (after loading)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Return (cos, sin) ``[N, 1, D]`` in ``dtype`` for int64 positions ``[N]``."""
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        freqs = positions.to(torch.float32)[:, None] * self._inv_freq[None, :]  # [N, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [N, 1, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: Tensor,  # int64 [N]
+        positions: Tensor,  # int64 [N]
+        kv_caches: Sequence[KVCache],  # one (k, v) per layer
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> Tensor:  # [N, H], final norm applied
+        """Run every layer over the N new tokens, writing their k/v into ``kv_caches``."""
+        x = self.embed_tokens(input_ids)  # [N, H]
+        cos, sin = self.rope(positions, x.dtype)
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv, meta, backend)
+        out: Tensor = self.norm(x)
+        return out
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """Return float32 logits ``[M, vocab]`` for hidden states ``[M, H]``."""
+        logits: Tensor = self.lm_head(hidden)
+        return logits.float()
