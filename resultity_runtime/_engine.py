@@ -11,6 +11,7 @@ once when no step is running).
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import threading
 from collections import deque
@@ -53,12 +54,12 @@ def _select_backend(name: str, device: torch.device) -> AttentionBackend:
     if device.type != "cuda":
         raise ValueError("backend: triton needs a CUDA device")
     try:
-        from . import _triton_backend  # type: ignore[attr-defined]  # noqa: PLC0415
+        module = importlib.import_module("resultity_runtime._triton_backend")
     except ImportError:
         if name == "triton":
             raise
         return TorchAttentionBackend()
-    backend: AttentionBackend = _triton_backend.TritonAttentionBackend()
+    backend: AttentionBackend = module.TritonAttentionBackend()
     return backend
 
 
@@ -226,18 +227,16 @@ class Engine:
             for index in range(params.n):
                 sched = SchedSeq(next(self._seq_ids), list(ids))
                 gen = make_generator(params.seed, index) if params.seed is not None else None
-                seq = _Seq(req, index, sched, gen, self._detokenizer(params, ids),
-                           StopMatcher(params.stop) if params.stop else None,
+                detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                stop = (StopMatcher(params.stop, params.include_stop_str_in_output)
+                        if params.stop else None)
+                seq = _Seq(req, index, sched, gen, detok, stop,
                            logprobs=[] if params.logprobs is not None else None)
                 req.seqs.append(seq)
             self._requests[request_id] = req
             for seq in req.seqs:
                 self._seqs[seq.sched.seq_id] = seq
                 self.scheduler.add(seq.sched)
-
-    def _detokenizer(self, params: SamplingParams, prompt_ids: list[int]) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tokenizer,
-                                      skip_special_tokens=params.skip_special_tokens)
 
     def abort(self, request_id: str) -> None:
         """Cancels a request; its blocks are freed before the next step (at once if idle).
@@ -416,7 +415,9 @@ class Engine:
         if flush:
             rest = seq.detok.flush()
             if seq.stop is not None:
-                safe, _ = seq.stop.feed(rest) if rest else ("", False)
+                safe, hit = seq.stop.feed(rest)
+                if hit:  # the last characters completed a stop string
+                    reason, stop_reason = "stop", seq.stop.matched
                 rest = safe + seq.stop.flush()
             self._emit(seq, rest)
         seq.finish_reason = reason
@@ -517,7 +518,7 @@ class Engine:
 
         Raises ChatTemplateError if the messages cannot be rendered.
         """
-        return self.generate([list(messages)], params)[0]  # type: ignore[list-item]
+        return self.generate([list(messages)], params)[0]
 
     async def stream(
         self,

@@ -58,8 +58,8 @@ class CompletionOutput:
 
 @attrs.frozen
 class RequestOutput:
-    """The result of one request. ``text``/``token_ids``/``finish_reason``/``logprobs`` are
-    those of ``outputs[0]`` (the only one unless ``n > 1``)."""
+    """The result of one request; ``text``, ``token_ids``, ``finish_reason``, ``stop_reason``
+    and ``logprobs`` are those of ``outputs[0]`` (the only one unless ``n > 1``)."""
 
     request_id: str
     prompt: str | None
@@ -82,6 +82,10 @@ class RequestOutput:
     @property
     def finish_reason(self) -> FinishReason | None:
         return self.outputs[0].finish_reason
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        return self.outputs[0].stop_reason
 
     @property
     def logprobs(self) -> tuple[TokenLogprobs, ...] | None:

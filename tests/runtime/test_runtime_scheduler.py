@@ -94,9 +94,7 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def _step(self) -> None:
         sched = self.sched
-        decoding = {
-            s.seq_id for s in sched.running if s.num_tokens - s.num_computed_tokens == 1
-        }
+        decoding = {s.seq_id for s in sched.running if s.num_tokens - s.num_computed_tokens == 1}
         out = sched.schedule()
         ids = [item.seq.seq_id for item in out.scheduled]
         assert len(ids) == len(set(ids))
