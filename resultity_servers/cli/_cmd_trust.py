@@ -1,0 +1,186 @@
+"""``resultity trust``: create a signed trust root; helpers to load roots, keys and envelopes."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from resultity_core import (
+    Envelope,
+    MalformedEnvelopeError,
+    ResultityError,
+    SecretKey,
+    TrustRoot,
+    load_key_file,
+    load_trusted_root,
+    make_root,
+    parse_json_strict,
+    sign_envelope,
+)
+
+from ._common import CLIError, write_json_file
+
+__all__ = [
+    "current_time",
+    "load_envelope_file",
+    "load_json_strict",
+    "load_keys",
+    "load_trust",
+    "now_arg",
+    "register",
+]
+
+_DAY = 86_400
+
+_DESCRIPTION = """\
+Trust roots. A trust root is a signed JSON document listing the Ed25519 keys allowed to sign
+for each role and how many distinct keys must sign (the threshold):
+  root     signs trust roots (including their rotation to a new version),
+  config   signs NodeConfig snapshots,
+  release  signs Release manifests,
+  network  signs commands to nodes.
+"""
+
+_INIT_EPILOG = """\
+K are key files (see `resultity keys generate`); their public keys go into the root and the
+root keys sign it. Thresholds default to 1. The release and network roles default to the
+root keys when no --release-key / --network-key is given. The command prints the root's
+digest, which a node may pin instead of trusting the root on first use.
+
+example:
+  resultity keys generate root.key && resultity keys generate config.key
+  resultity trust init --out trust.json --root-key root.key --config-key config.key
+"""
+
+
+def now_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--now UNIX`` (the time checks are made at; default the current time)."""
+    parser.add_argument(
+        "--now", type=int, metavar="UNIX", default=None,
+        help="check times against this unix time instead of the clock (for tests and audits)",
+    )
+
+
+def current_time(args: argparse.Namespace) -> int:
+    """Return ``args.now`` or the current unix time."""
+    return int(time.time()) if args.now is None else int(args.now)
+
+
+def load_json_strict(path: str, what: str) -> Any:
+    """Parse a JSON file strictly (no duplicate keys, floats or NaN); CLIError names the file."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise CLIError(f"{what} {p}: no such file") from None
+    except IsADirectoryError:
+        raise CLIError(f"{what} {p}: is a directory") from None
+    except OSError as exc:
+        raise CLIError(f"{what} {p}: {exc.strerror or exc}") from None
+    try:
+        return parse_json_strict(data)
+    except MalformedEnvelopeError as exc:
+        raise CLIError(f"{what} {p}: {exc.reason}") from None
+
+
+def load_envelope_file(path: str, what: str) -> Envelope:
+    """Return the signed envelope in the JSON file ``path``; CLIError names the file."""
+    obj = load_json_strict(path, what)
+    try:
+        return Envelope.from_payload(obj)
+    except MalformedEnvelopeError as exc:
+        raise CLIError(f"{what} {path}: not a signed envelope: {exc}") from None
+
+
+def load_trust(path: str, now: int) -> TrustRoot:
+    """Return the trust root in ``path`` after checking its self-signature and expiry."""
+    env = load_envelope_file(path, "trust root")
+    try:
+        return load_trusted_root(env, now)
+    except ResultityError as exc:
+        raise CLIError(f"trust root {path}: {exc}") from None
+
+
+def load_keys(paths: list[str]) -> list[SecretKey]:
+    """Load each key file (KeyFileError names a bad one); duplicates are dropped."""
+    keys: dict[str, SecretKey] = {}
+    for path in paths:
+        key = load_key_file(path)
+        keys.setdefault(key.keyid, key)
+    return list(keys.values())
+
+
+def register(subparsers: Any) -> None:
+    """Add ``trust init`` to the CLI."""
+    parser = subparsers.add_parser(
+        "trust", help="create trust roots", description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="trust_command", metavar="ACTION")
+    parser.set_defaults(handler=lambda _args: _usage(parser))
+    init = sub.add_parser(
+        "init", help="write a new signed trust root (version 1)",
+        description="Create version 1 of a trust root from key files and sign it with the "
+        "root keys.", epilog=_INIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    init.add_argument("--out", required=True, metavar="PATH", help="where to write the root")
+    init.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    for role, required in (("root", True), ("config", True), ("release", False),
+                           ("network", False)):
+        init.add_argument(
+            f"--{role}-key", action="append", required=required, default=[], metavar="K",
+            help=f"key file of a {role} key (repeat for several)"
+            + ("" if required else "; default: the root keys"),
+        )
+        init.add_argument(
+            f"--{role}-threshold", type=int, default=1, metavar="N",
+            help=f"distinct {role} keys that must sign (default 1)",
+        )
+    init.add_argument(
+        "--expires-in", type=int, default=365, metavar="DAYS",
+        help="days until the root expires (default 365)",
+    )
+    now_arg(init)
+    init.set_defaults(handler=_init)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _init(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not args.force:
+        raise CLIError(f"{args.out} already exists; pass --force to replace it")
+    if args.expires_in < 1:
+        raise CLIError("--expires-in must be at least 1 day")
+    now = current_time(args)
+    root_keys = load_keys(args.root_key)
+    role_keys = {
+        "root": root_keys,
+        "config": load_keys(args.config_key),
+        "release": load_keys(args.release_key) if args.release_key else root_keys,
+        "network": load_keys(args.network_key) if args.network_key else root_keys,
+    }
+    thresholds: dict[str, int] = {}
+    for role, keys in role_keys.items():
+        threshold = getattr(args, f"{role}_threshold")
+        if not 1 <= threshold <= len(keys):
+            raise CLIError(
+                f"--{role}-threshold {threshold}: must be between 1 and the {len(keys)} "
+                f"distinct {role} key(s)"
+            )
+        thresholds[role] = threshold
+    root = make_root(
+        version=1,
+        expires_at=now + args.expires_in * _DAY,
+        role_keys={role: [k.public_key for k in keys] for role, keys in role_keys.items()},
+        thresholds=thresholds,
+    )
+    envelope = sign_envelope(root.to_payload(), root_keys)
+    load_trusted_root(envelope, now)  # self-check before writing
+    write_json_file(args.out, envelope.to_payload(), mode=0o644)
+    print(f"wrote trust root v1 to {args.out}; digest {root.digest()}")
+    return 0
