@@ -175,8 +175,16 @@ class ChatCompletionRequest:
 
     @property
     def include_usage(self) -> bool:
-        """Return whether a streamed response ends with a usage chunk."""
+        """Return whether a streamed response ends with a usage chunk.
+
+        ``stream_options`` without ``stream`` is accepted and has no effect.
+        """
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """Return the messages as ``[{"role", "content"}]`` with text parts joined (see
+        ``ChatMessage.text``): the form a chat template renders."""
+        return [{"role": m.role, "content": m.text} for m in self.messages]
 
 
 @frozen(hash=False)

@@ -178,6 +178,12 @@ def test_content_as_list_of_text_parts() -> None:
     assert req.messages[1].content == (TextPart(text="first"), TextPart(text="second"))
     assert [m.text for m in req.messages] == ["be brief", "first\nsecond", "", "42"]
     assert req.messages[3].tool_call_id == "t1"
+    assert req.template_messages() == [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": "first\nsecond"},
+        {"role": "assistant", "content": ""},
+        {"role": "tool", "content": "42"},
+    ]
 
 
 def test_sampling_fields_map_every_setting() -> None:
