@@ -67,9 +67,11 @@ class Signature:
 
 
 def parse_json_strict(data: bytes | str) -> Any:
-    """Parse JSON text, refusing duplicate object keys, NaN/Infinity and floats.
+    """Parse JSON text, refusing duplicate object keys (which parsers resolve differently).
 
-    Returns the parsed value; raises MalformedEnvelopeError (path ``""``) on any problem.
+    Returns the parsed value. Floats, NaN and infinities are parsed (as floats) so that the
+    canonical check that follows can refuse them naming their path. Raises
+    MalformedEnvelopeError (path ``""``) for text that is not UTF-8 JSON.
     """
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -80,17 +82,9 @@ def parse_json_strict(data: bytes | str) -> Any:
             out[key] = value
         return out
 
-    def no_constant(name: str) -> Any:
-        raise MalformedEnvelopeError("", f"{name} is not allowed")
-
-    def no_float(text: str) -> Any:
-        raise MalformedEnvelopeError("", f"floats are not allowed ({text})")
-
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(
-            text, object_pairs_hook=pairs, parse_constant=no_constant, parse_float=no_float
-        )
+        return json.loads(text, object_pairs_hook=pairs)
     except UnicodeDecodeError:
         raise MalformedEnvelopeError("", "not UTF-8 text") from None
     except json.JSONDecodeError as exc:
