@@ -191,7 +191,7 @@ def test_seeded_request_is_the_same_alone_or_batched(
     torch.manual_seed(7)
     step_logits = [torch.randn(1 + len(others), 64) for _ in range(steps)]
     position = min(position, len(others))
-    mine = attrs_evolve(p, seed=seed, presence_penalty=0.5)
+    mine = attrs.evolve(p, seed=seed, presence_penalty=0.5)
 
     def run_alone() -> list[int]:
         gen = make_generator(seed)
@@ -214,10 +214,6 @@ def test_seeded_request_is_the_same_alone_or_batched(
         return hists[position]
 
     assert run_alone() == run_batched()
-
-
-def attrs_evolve(p: SamplingParams, **changes: object) -> SamplingParams:
-    return attrs.evolve(p, **changes)  # type: ignore[misc]
 
 
 def test_generators_for_siblings_differ_and_unseeded_differ() -> None:
