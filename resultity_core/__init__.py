@@ -144,6 +144,7 @@ from ._openai_responses import (
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
+    CompletionFinishReason,
     CompletionLogprobs,
     FinishReason,
     ModelCard,
@@ -151,6 +152,7 @@ from ._openai_responses import (
     TopLogprob,
     Usage,
 )
+from ._openai_stream import ChatResponseBuilder, CompletionResponseBuilder
 from ._openai_validate import (
     SamplingFields,
     parse_chat_request,
@@ -237,6 +239,7 @@ __all__ = [
     "ChatLogprobs",
     "ChatMessage",
     "ChatMessageOut",
+    "ChatResponseBuilder",
     "ChatTokenLogprob",
     "ChunkDelta",
     "Command",
@@ -244,8 +247,10 @@ __all__ = [
     "CompletionChoice",
     "CompletionChunk",
     "CompletionChunkChoice",
+    "CompletionFinishReason",
     "CompletionLogprobs",
     "CompletionRequest",
+    "CompletionResponseBuilder",
     "DuplicateReservationError",
     "Envelope",
     "ExpiredError",

@@ -27,6 +27,7 @@ __all__ = [
     "CompletionChoice",
     "CompletionChunk",
     "CompletionChunkChoice",
+    "CompletionFinishReason",
     "CompletionLogprobs",
     "FinishReason",
     "ModelCard",

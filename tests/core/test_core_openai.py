@@ -33,6 +33,7 @@ from resultity_core import (
     ChatLogprobs,
     ChatMessage,
     ChatMessageOut,
+    ChatResponseBuilder,
     ChatTokenLogprob,
     ChunkDelta,
     Completion,
@@ -41,6 +42,7 @@ from resultity_core import (
     CompletionChunkChoice,
     CompletionLogprobs,
     CompletionRequest,
+    CompletionResponseBuilder,
     InvalidRequestError,
     ModelCard,
     ModelList,
@@ -941,3 +943,131 @@ def test_client_raises_on_error_event_mid_stream(
     with pytest.raises(openai.APIError, match="No node can serve"):
         got.extend(c.choices[0].delta.content for c in stream)
     assert got == ["partial"]
+
+
+# --- response builders ----------------------------------------------------------------------
+
+
+def tok(text: str, logprob: float) -> ChatTokenLogprob:
+    return ChatTokenLogprob(
+        token=text,
+        logprob=logprob,
+        bytes=tuple(text.encode()),
+        top_logprobs=(TopLogprob(token=text, logprob=logprob, bytes=tuple(text.encode())),),
+    )
+
+
+def test_chat_builder_stream_n2_interleaved_through_the_client(
+    client_for: Callable[[Handler], openai.OpenAI],
+) -> None:
+    def handler(request: Any) -> Any:
+        req = parse_chat_request(json.loads(request.content))
+        b = ChatResponseBuilder(id="chatcmpl-b", created=9, model=req.model, n=req.n)
+        chunks = [
+            b.start(),
+            b.add(0, "Hel", [tok("Hel", -0.5)]),
+            b.add(1, "Bye", [tok("Bye", -1.5)]),
+            b.add(0, "lo", [tok("lo", -0.25)]),
+            b.finish(1, "length"),
+            b.finish(0, "stop"),
+        ]
+        if req.include_usage:
+            chunks.append(b.usage_chunk(Usage.of(2, 3)))
+        return sse(*(encode_event(c.to_dict()) for c in chunks), DONE)
+
+    client = client_for(handler)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        n=2,
+        logprobs=True,
+        top_logprobs=1,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts = ["", ""]
+    reasons: dict[int, str | None] = {}
+    logprobs: list[float] = []
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+            if choice.logprobs and choice.logprobs.content:
+                logprobs += [t.logprob for t in choice.logprobs.content]
+    assert texts == ["Hello", "Bye"]
+    assert reasons == {0: "stop", 1: "length"}
+    assert logprobs == [-0.5, -1.5, -0.25]
+    assert usage is not None
+    assert usage.total_tokens == 5
+
+
+def test_chat_builder_non_stream() -> None:
+    b = ChatResponseBuilder(id="x", created=1, model="m", n=2, system_fingerprint="fp")
+    b.start()
+    b.add(1, "b", [tok("b", -1.0)])
+    b.add(0, "a", [tok("a", -2.0)])
+    b.add(0, "c", [tok("c", -3.0)])
+    b.finish(0, "stop")
+    with pytest.raises(OpenAIRequestError, match=r"\[1\] have not finished"):
+        b.completion(Usage.of(1, 3))
+    b.finish(1, "length")
+    with pytest.raises(OpenAIRequestError, match="already finished"):
+        b.add(1, "late")
+    with pytest.raises(OpenAIRequestError, match="out of range"):
+        b.add(2, "x")
+    done = b.completion(Usage.of(1, 3), logprobs=True)
+    parsed = OAChatCompletion.model_validate(done.to_dict())
+    assert [c.message.content for c in parsed.choices] == ["ac", "b"]
+    assert [c.finish_reason for c in parsed.choices] == ["stop", "length"]
+    lp = parsed.choices[0].logprobs
+    assert lp is not None
+    assert lp.content is not None
+    assert [t.token for t in lp.content] == ["a", "c"]
+    assert b.completion(Usage.of(1, 3)).choices[0].logprobs is None
+
+
+def test_completion_builder_stream_and_final(
+    client_for: Callable[[Handler], openai.OpenAI],
+) -> None:
+    def lp(text: str, offset: int) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=(text,),
+            token_logprobs=(-1.0,),
+            top_logprobs=({text: -1.0},),
+            text_offset=(offset,),
+        )
+
+    def build() -> tuple[CompletionResponseBuilder, list[CompletionChunk]]:
+        b = CompletionResponseBuilder(id="cmpl-b", created=4, model="tiny", n=2)
+        chunks = [
+            b.add(0, " up", lp(" up", 4)),
+            b.add(1, " and", lp(" and", 4)),
+            b.add(0, "on", lp("on", 7)),
+            b.finish(0, "stop"),
+            b.finish(1, "length"),
+            b.usage_chunk(Usage.of(1, 3)),
+        ]
+        return b, chunks
+
+    def handler(request: Any) -> Any:
+        req = parse_completion_request(json.loads(request.content))
+        b, chunks = build()
+        if req.stream:
+            return sse(*(encode_event(c.to_dict()) for c in chunks), DONE)
+        return httpx.Response(200, json=b.completion(Usage.of(1, 3), logprobs=True).to_dict())
+
+    client = client_for(handler)
+    texts = ["", ""]
+    for chunk in client.completions.create(model="tiny", prompt="Once", n=2, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [" upon", " and"]
+    out = client.completions.create(model="tiny", prompt="Once", n=2, logprobs=1)
+    assert [c.text for c in out.choices] == [" upon", " and"]
+    assert out.choices[0].logprobs is not None
+    assert out.choices[0].logprobs.tokens == [" up", "on"]
+    assert out.choices[0].logprobs.text_offset == [4, 7]
+    assert_no_extra(out)
