@@ -23,11 +23,13 @@ from ._envelope import Envelope
 from ._errors import (
     ExpiredError,
     HashMismatchError,
+    PayloadFormatError,
     ReplayError,
     ResultityError,
     RollbackError,
     WrongNodeError,
 )
+from ._fields import Fields
 from ._formats import NodeConfig
 from ._grants import DEFAULT_SKEW, Command, check_time_window
 from ._release import Release
@@ -44,6 +46,7 @@ __all__ = [
 ]
 
 EnvelopeInput = Envelope | bytes | str | Mapping[str, Any]
+STATE_TYPE = "node-trust-state"
 
 
 def as_envelope(value: EnvelopeInput) -> Envelope:
@@ -280,6 +283,63 @@ class NodeTrustState:
         self.root = new
         self.last_rejection = None
         return new
+
+    def export_state(self) -> dict[str, Any]:
+        """Return everything the node must keep across restarts, as a JSON object.
+
+        Persist it (atomically, as privately as the node's key) after every change and give it
+        to ``restore`` on start: without it a restarted node would accept a rolled-back
+        snapshot or a replayed command.
+        """
+        return {
+            "_type": STATE_TYPE,
+            "node_id": self.node_id,
+            "root": self.root.to_payload(),
+            "config": self.current_envelope.to_payload() if self.current_envelope else None,
+            "release": self.release_envelope.to_payload() if self.release_envelope else None,
+            "nonces": sorted([n, e] for n, e in self._nonces.items()),
+            "nonce_floor": self.nonce_floor,
+        }
+
+    @classmethod
+    def restore(
+        cls, state: Mapping[str, Any], *, skew: int = DEFAULT_SKEW, max_nonces: int = 10_000
+    ) -> NodeTrustState:
+        """Return the state saved by ``export_state``.
+
+        The saved envelopes are not re-verified (the root may have rotated since): the state
+        file is trusted like the node's key file. Raises PayloadFormatError or
+        MalformedEnvelopeError when it is damaged.
+        """
+        f = Fields(dict(state))
+        f.type_tag(STATE_TYPE)
+        node_id = f.text("node_id", max_len=128)
+        out = cls(TrustRoot.from_payload(f.raw("root")), node_id=node_id, skew=skew,
+                  max_nonces=max_nonces)
+        config = f.raw("config")
+        if config is not None:
+            env = Envelope.from_payload(config)
+            out.current, out.current_hash = NodeConfig.from_payload(env.signed), env.digest()
+            out.current_envelope = env
+        release = f.raw("release")
+        if release is not None:
+            env = Envelope.from_payload(release)
+            out.release, out.release_hash = Release.from_payload(env.signed), env.digest()
+            out.release_envelope = env
+        for path, item in f.items("nonces", max_len=10_000_000):
+            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                    or isinstance(item[1], bool) or not isinstance(item[1], int)):
+                raise PayloadFormatError(path, "expected [nonce, expires_at]")
+            if item[0] in out._nonces:
+                raise PayloadFormatError(path, "duplicate nonce")
+            out._nonces[item[0]] = item[1]
+            out._expiries.append((item[1], item[0]))
+        heapq.heapify(out._expiries)
+        out.nonce_floor = f.integer("nonce_floor", minimum=-1)
+        f.done()
+        while len(out._nonces) > out.max_nonces:
+            out._forget_one()
+        return out
 
     @property
     def nonce_count(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -89,11 +90,18 @@ def release(version: int, keys: list[SecretKey] = REL, **changes: Any) -> Envelo
     return sign_envelope(payload, keys)
 
 
-def command(nonce: str = "a" * 16, node_id: str = NODE_ID, key: SecretKey = NET,
-            **changes: Any) -> Envelope:
+def command(
+    nonce: str = "a" * 16, node_id: str = NODE_ID, key: SecretKey = NET, **changes: Any
+) -> Envelope:
     payload = {
-        "_type": "command", "node_id": node_id, "nonce": nonce, "issued_at": NOW,
-        "expires_at": NOW + 60, "action": "drain", "args": {}, **changes,
+        "_type": "command",
+        "node_id": node_id,
+        "nonce": nonce,
+        "issued_at": NOW,
+        "expires_at": NOW + 60,
+        "action": "drain",
+        "args": {},
+        **changes,
     }
     return sign_envelope(payload, [key])
 
@@ -303,6 +311,44 @@ def test_root_rotation_through_the_state() -> None:
     assert s.update_root(sign_envelope(v2.to_payload(), ROOT_KEYS + new_keys), now=NOW) == v2
     assert s.root.version == 2
     assert s.current is not None  # the applied config survives a rotation
+
+
+def test_state_survives_a_restart() -> None:
+    s = state()
+    s.apply(snap(3), now=NOW)
+    s.apply_release(release(2), now=NOW)
+    s.accept_command(command(), now=NOW)
+    saved = json.loads(json.dumps(s.export_state()))
+    again = NodeTrustState.restore(saved)
+    assert again.node_id == NODE_ID
+    assert again.root == TRUST
+    assert (again.current, again.current_hash) == (s.current, s.current_hash)
+    assert again.release == s.release
+    with pytest.raises(RollbackError):
+        again.apply(snap(2), now=NOW)
+    with pytest.raises(RollbackError):
+        again.apply_release(release(1), now=NOW)
+    with pytest.raises(ReplayError):
+        again.accept_command(command(), now=NOW + 1)
+    assert NodeTrustState.restore(state().export_state()).current is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "where"),
+    [
+        ("_type", "root", "_type"),
+        ("nonces", [["a" * 16, 1.5]], "nonces[0]"),
+        ("nonces", [["a" * 16, 1], ["a" * 16, 2]], "nonces[1]"),
+        ("nonce_floor", "x", "nonce_floor"),
+        ("extra", 1, "extra"),
+    ],
+)
+def test_damaged_state_is_refused(key: str, value: Any, where: str) -> None:
+    saved = state().export_state()
+    saved[key] = value
+    with pytest.raises(PayloadFormatError) as info:
+        NodeTrustState.restore(saved)
+    assert info.value.path == where
 
 
 SIGNED_BYTES = snap(1).to_bytes()
