@@ -31,7 +31,7 @@ _MAX_ITERS = 64
 @lazy_jit
 def _sample_kernel(
     logits_ptr, stride_row, vocab,
-    temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, out_ptr,
+    temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr,
     BLOCK: tl.constexpr, MAX_ITERS: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -58,6 +58,7 @@ def _sample_kernel(
     mn = tl.min(lane_min, 0)
 
     temp = tl.load(temp_ptr + row)
+    thr = mx
     if temp > 0.0:
         c = _LOG2E / temp  # weights exp2((x - mx) * c) are probabilities up to 1 / Z
         thr = mn
@@ -170,6 +171,7 @@ def _sample_kernel(
         top = tl.max(best, 0)
         result = tl.min(tl.where(best == top, best_idx, vocab), 0)
     tl.store(out_ptr + row, result.to(tl.int64))
+    tl.store(thr_ptr + row, thr)
 
 
 def _row_params(
@@ -196,14 +198,17 @@ def sample(
     seeds: torch.Tensor,
     steps: torch.Tensor | int = 0,
     block: int | None = None,
+    thresholds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one token per row of ``logits`` [M, V] after temperature/top-k/top-p/min-p.
 
     Per-row parameters are tensors [M] (or one scalar for all rows): ``temperature`` (0 = greedy),
     ``top_k`` (<= 0 or >= V: off), ``top_p`` in (0, 1] (1: off), ``min_p`` in [0, 1) (0: off).
     ``seeds`` int64 [M] and ``steps`` int64 [M] key each row's Philox stream: the same (seed,
-    step, logits, parameters) always give the same token, alone or in any batch. Returns int64
-    token ids [M].
+    step, logits, parameters) always give the same token, alone or in any batch. ``thresholds``
+    (float32 [M], optional) receives each row's logit threshold: the kept tokens are exactly
+    those with ``logits >= threshold`` (for greedy rows, the maximum). Returns int64 token ids
+    [M].
 
     Raises:
         ValueError: a shape, dtype or device does not fit, or a parameter is out of range.
@@ -220,12 +225,16 @@ def sample(
     check_tensor("seeds", seeds, ndim=1, shape=(m,), dtypes=(torch.int64,), device=dev)
     st = _row_params("steps", steps, m, torch.int64, dev)
     out = torch.empty(m, dtype=torch.int64, device=dev)
+    if thresholds is None:
+        thresholds = torch.empty(m, dtype=torch.float32, device=dev)
+    check_tensor("thresholds", thresholds, ndim=1, shape=(m,), dtypes=(torch.float32,),
+                 device=dev, contiguous=True)
     if m == 0:
         return out
     if block is None:
         block = 64 if interpreting() else 2048
     _sample_kernel[(m,)](
-        logits, logits.stride(0), v, temps, ks, ps, mps, seeds.contiguous(), st, out,
+        logits, logits.stride(0), v, temps, ks, ps, mps, seeds.contiguous(), st, out, thresholds,
         BLOCK=block, MAX_ITERS=_MAX_ITERS, num_warps=1 if interpreting() else 8,
     )
     return out
@@ -258,7 +267,8 @@ def sampling_probs_ref(
     kth = sorted_y.gather(1, (ks - 1)[:, None])
     sorted_y = torch.where(sorted_y >= kth, sorted_y, -math.inf)
     sorted_p = sorted_y.softmax(-1)
-    keep = (sorted_p.cumsum(-1) - sorted_p) < ps[:, None]
+    # dropped (-inf) entries have mass 0 and must not pass `mass above < top_p` by rounding
+    keep = ((sorted_p.cumsum(-1) - sorted_p) < ps[:, None]) & (sorted_y > -math.inf)
     keep[:, 0] = True
     n_keep = keep.sum(-1, keepdim=True)
     thr = sorted_y.gather(1, n_keep - 1)
