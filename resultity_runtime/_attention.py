@@ -140,9 +140,9 @@ class TorchAttentionBackend:
                                                     v[start:start + q_len], None, scale)
             else:
                 n_blocks = -(-s_len // block_size)
-                table = meta.block_tables[i, :n_blocks].long()
-                k_ctx = k_cache[table].reshape(-1, hkv, d)[:s_len]  # [S, Hkv, D]
-                v_ctx = v_cache[table].reshape(-1, hkv, d)[:s_len]
+                table = meta.block_tables[i, :n_blocks]
+                k_ctx = k_cache.index_select(0, table).view(-1, hkv, d)[:s_len]  # [S, Hkv, D]
+                v_ctx = v_cache.index_select(0, table).view(-1, hkv, d)[:s_len]
                 key_pos = torch.arange(s_len, device=q.device)
                 q_pos = torch.arange(s_len - q_len, s_len, device=q.device)
                 mask = key_pos[None, :] <= q_pos[:, None]  # [q_len, S]
@@ -184,10 +184,13 @@ def _decode(  # noqa: PLR0917
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     n_blocks = -(-max_seq_len // block_size)
-    table = block_tables[:, :n_blocks].long()
+    table = block_tables[:, :n_blocks].reshape(-1)  # [B * n_blocks]
     length = n_blocks * block_size
-    k = k_cache[table].view(b, length, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache[table].view(b, length, hkv, d).transpose(1, 2)
+    # index_select over whole blocks copies contiguous rows: faster than advanced indexing
+    k = k_cache.view(k_cache.shape[0], -1).index_select(0, table)
+    v = v_cache.view(v_cache.shape[0], -1).index_select(0, table)
+    k = k.view(b, length, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v.view(b, length, hkv, d).transpose(1, 2)
     mask = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
     qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]: the G query heads of a KV head
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
