@@ -100,7 +100,7 @@ class SSEDecoder:
 
     def __init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
-        self._partial = ""  # text of the current line, not yet terminated
+        self._partial: list[str] = []  # pieces of the current line, not yet terminated
         self._after_cr = False  # the last character seen was a CR: skip a following LF
         self._data: list[str] = []
         self._event = ""
@@ -131,8 +131,8 @@ class SSEDecoder:
         self._closed = True
         if dispatch_incomplete:
             if self._partial:
-                self._line(self._partial, events)
-            self._partial = ""
+                self._line("".join(self._partial), events)
+            self._partial = []
             self._dispatch(events)
         return events
 
@@ -143,12 +143,16 @@ class SSEDecoder:
         if self._after_cr and text[0] == "\n":
             text = text[1:]
         self._after_cr = False
-        buf = self._partial + text if self._partial else text
+        if "\r" not in text and "\n" not in text:
+            # still inside a line: keep the pieces, join once the line ends (no quadratic copies)
+            self._partial.append(text)
+            return events
+        buf = "".join(self._partial) + text if self._partial else text
         pos = 0
         for m in _LINE_BREAK.finditer(buf):
             self._line(buf[pos : m.start()], events)
             pos = m.end()
-        self._partial = buf[pos:]
+        self._partial = [buf[pos:]] if pos < len(buf) else []
         # A CR at the very end may be the first half of a CRLF split across chunks.
         self._after_cr = pos == len(buf) and buf.endswith("\r")
         return events

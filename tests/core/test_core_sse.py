@@ -141,6 +141,13 @@ def test_utf8_character_split_across_reads() -> None:
     assert decode_all(chunks) == [SSEEvent(data="snow ☃ and 𝄞")]
 
 
+def test_long_line_in_small_reads() -> None:
+    raw = encode_event("é" * 300_000)
+    decoder = SSEDecoder()
+    events = [e for i in range(0, len(raw), 7) for e in decoder.feed(raw[i : i + 7])]
+    assert events == [SSEEvent(data="é" * 300_000)]
+
+
 def test_invalid_utf8_is_replaced_not_raised() -> None:
     assert decode_all([b"data: \xff\xfe\n\n"]) == [SSEEvent(data="\ufffd\ufffd")]
 
