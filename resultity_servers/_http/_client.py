@@ -1,0 +1,249 @@
+"""An async HTTP client on httpcore: JSON requests and streamed (SSE) responses.
+
+One ``HTTPClient`` per peer keeps a pool of keep-alive connections. httpcore's exceptions are
+mapped to ``HTTPClientError`` subclasses here, at the border.
+"""
+
+from __future__ import annotations
+
+import json as _json
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Self
+
+import attrs
+import httpcore
+
+from resultity_core import SSEDecoder, SSEEvent
+
+from ._errors import (
+    HTTPClientError,
+    HTTPConnectError,
+    HTTPProtocolError,
+    HTTPStatusError,
+    HTTPTimeoutError,
+)
+from ._types import HeaderList
+
+__all__ = ["ClientResponse", "HTTPClient", "StreamingClientResponse"]
+
+_NO_BODY: Any = object()
+
+
+@contextmanager
+def _map_errors(url: str) -> Iterator[None]:
+    try:
+        yield
+    except httpcore.ConnectTimeout as exc:
+        raise HTTPConnectError(f"timed out connecting: {exc}", url) from exc
+    except httpcore.TimeoutException as exc:
+        raise HTTPTimeoutError(f"timed out: {exc or type(exc).__name__}", url) from exc
+    except httpcore.ConnectError as exc:
+        raise HTTPConnectError(f"cannot connect: {exc}", url) from exc
+    except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
+        raise HTTPProtocolError(f"connection failed: {exc or type(exc).__name__}", url) from exc
+    except httpcore.UnsupportedProtocol as exc:
+        raise HTTPClientError(f"unsupported URL: {exc}", url) from exc
+
+
+def _decode_headers(raw: list[tuple[bytes, bytes]]) -> HeaderList:
+    return tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw)
+
+
+def _header(headers: HeaderList, name: str) -> str | None:
+    wanted = name.lower()
+    return next((value for key, value in headers if key == wanted), None)
+
+
+@attrs.frozen
+class ClientResponse:
+    """A complete response: status, lower-case headers and body bytes."""
+
+    status: int
+    headers: HeaderList
+    body: bytes
+    url: str
+
+    def header(self, name: str) -> str | None:
+        """Return the first value of header ``name`` (case-insensitive), or None."""
+        return _header(self.headers, name)
+
+    def json(self) -> Any:
+        """Return the body parsed as JSON; raises ValueError if it is not UTF-8 JSON."""
+        return _json.loads(self.body.decode("utf-8"))
+
+    def raise_for_status(self) -> Self:
+        """Return self if the status is 2xx; raises HTTPStatusError otherwise."""
+        if not 200 <= self.status < 300:
+            raise HTTPStatusError(self.status, self.body, self.url)
+        return self
+
+
+class StreamingClientResponse:
+    """A response whose body is read as it arrives (once: iterate one of the ``aiter_*``)."""
+
+    def __init__(self, response: httpcore.Response, url: str) -> None:
+        self._response = response
+        self.url = url
+        self.status = response.status
+        self.headers = _decode_headers(response.headers)
+
+    def header(self, name: str) -> str | None:
+        """Return the first value of header ``name`` (case-insensitive), or None."""
+        return _header(self.headers, name)
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """Yield body chunks as they arrive; raises HTTPClientError subclasses on failure."""
+        with _map_errors(self.url):
+            async for chunk in self._response.aiter_stream():
+                if chunk:
+                    yield chunk
+
+    async def aread(self) -> bytes:
+        """Return the rest of the body."""
+        return b"".join([chunk async for chunk in self.aiter_bytes()])
+
+    async def aiter_lines(self) -> AsyncIterator[bytes]:
+        """Yield body lines without their LF (a final unterminated line is yielded too)."""
+        pending = b""
+        async for chunk in self.aiter_bytes():
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.removesuffix(b"\r")
+        if pending:
+            yield pending.removesuffix(b"\r")
+
+    async def aiter_sse(self) -> AsyncIterator[SSEEvent]:
+        """Yield Server-Sent Events decoded incrementally (resultity_core.SSEDecoder)."""
+        decoder = SSEDecoder()
+        async for chunk in self.aiter_bytes():
+            for event in decoder.feed(chunk):
+                yield event
+        for event in decoder.close():
+            yield event
+
+    def raise_for_status(self) -> Self:
+        """Return self if the status is 2xx; raises HTTPStatusError (without body) otherwise."""
+        if not 200 <= self.status < 300:
+            raise HTTPStatusError(self.status, b"", self.url)
+        return self
+
+
+class HTTPClient:
+    """A keep-alive client for one base URL (``http://127.0.0.1:8000``).
+
+    ``timeout_s`` bounds each wait (connect, write, the next bytes of a response, a free pool
+    slot), not the whole exchange, so a long stream that keeps producing is never cut.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+        max_connections: int = 64,
+        keepalive_expiry_s: float = 30.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = dict(headers or {})
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._pool = httpcore.AsyncConnectionPool(
+            max_connections=max_connections, keepalive_expiry=keepalive_expiry_s
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        await self._pool.aclose()
+
+    def _prepare(
+        self,
+        path: str,
+        json: Any,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        timeout_s: float | None,
+    ) -> tuple[str, list[tuple[str, str]], bytes | None, dict[str, Any]]:
+        url = self.base_url + path
+        merged = {k.lower(): v for k, v in self.headers.items()}
+        merged.update({k.lower(): v for k, v in (headers or {}).items()})
+        if json is not _NO_BODY:
+            if content is not None:
+                raise ValueError("give json or content, not both")
+            content = _json.dumps(json, ensure_ascii=False, separators=(",", ":")).encode()
+            merged.setdefault("content-type", "application/json")
+        wait = self.timeout_s if timeout_s is None else timeout_s
+        timeouts = {
+            "connect": min(self.connect_timeout_s, wait),
+            "read": wait,
+            "write": wait,
+            "pool": wait,
+        }
+        return url, list(merged.items()), content, {"timeout": timeouts}
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = _NO_BODY,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> ClientResponse:
+        """Send one request and return the complete response (any status).
+
+        ``json`` is encoded as the body with ``content-type: application/json``. Raises
+        HTTPConnectError, HTTPTimeoutError, HTTPProtocolError.
+        """
+        url, hdrs, body, ext = self._prepare(path, json, content, headers, timeout_s)
+        with _map_errors(url):
+            response = await self._pool.request(
+                method, url, headers=hdrs, content=body, extensions=ext
+            )
+        return ClientResponse(
+            response.status, _decode_headers(response.headers), response.content, url
+        )
+
+    async def get_json(self, path: str, *, headers: Mapping[str, str] | None = None) -> Any:
+        """Return the JSON body of ``GET path``; raises HTTPStatusError unless 2xx."""
+        return (await self.request("GET", path, headers=headers)).raise_for_status().json()
+
+    async def post_json(
+        self, path: str, payload: Any, *, headers: Mapping[str, str] | None = None
+    ) -> Any:
+        """Return the JSON body of ``POST path`` with a JSON payload; raises unless 2xx."""
+        response = await self.request("POST", path, json=payload, headers=headers)
+        return response.raise_for_status().json()
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = _NO_BODY,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[StreamingClientResponse]:
+        """Send a request and yield the response before its body is read.
+
+        Leaving the block early closes the connection (the server sees a disconnect). Raises
+        like ``request``.
+        """
+        url, hdrs, body, ext = self._prepare(path, json, content, headers, timeout_s)
+        with _map_errors(url):
+            async with self._pool.stream(
+                method, url, headers=hdrs, content=body, extensions=ext
+            ) as response:
+                yield StreamingClientResponse(response, url)

@@ -1,0 +1,373 @@
+"""One server-side HTTP/1.1 connection: an h11 state machine driven over an anyio stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+import anyio
+import anyio.abc
+import attrs
+import h11
+
+from ._types import HeaderList, Request, Response, StreamingResponse
+
+if TYPE_CHECKING:
+    from ._server import HTTPServer
+
+__all__ = ["Connection", "close_gracefully"]
+
+log = logging.getLogger("resultity.http")
+
+_READ_SIZE = 64 * 1024
+# Bytes a client may pipeline while its previous request is still being answered.
+_MAX_PIPELINED = 256 * 1024
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    global _date_cache  # noqa: PLW0603 - one formatted Date per second, shared by all connections
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+class _ClientGone(Exception):
+    """The peer closed, reset, or stopped reading; nothing more can be sent."""
+
+
+class _Close(Exception):
+    """End this connection now (after any error response was sent)."""
+
+
+async def close_gracefully(stream: anyio.abc.ByteStream, linger_s: float = 0.5) -> None:
+    """Half-close, drain what the peer still sends (briefly), then close.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy an
+    error response the peer has not read yet; lingering avoids that.
+    """
+    with anyio.move_on_after(linger_s, shield=True):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < 1 << 20:
+                drained += len(await stream.receive(_READ_SIZE))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+    with anyio.CancelScope(shield=True):
+        await stream.aclose()
+
+
+class Connection:
+    """Serve requests on one accepted stream until it closes, times out, or the server stops."""
+
+    def __init__(self, server: HTTPServer, stream: anyio.abc.SocketStream) -> None:
+        self.server = server
+        self.config = server.config
+        self.stream = stream
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes
+        )
+        self.scope = anyio.CancelScope()
+        self.idle = False
+        self.linger = False
+        try:
+            address = stream.extra(anyio.abc.SocketAttribute.remote_address)
+            self.client = (str(address[0]), int(address[1])) if isinstance(address, tuple) else None
+        except (anyio.TypedAttributeLookupError, IndexError):
+            self.client = None
+
+    def close_if_idle(self) -> None:
+        """Close now if waiting for a next request with nothing buffered (used on shutdown)."""
+        if self.idle:
+            self.scope.cancel()
+
+    async def run(self) -> None:
+        """Serve until the connection must end; never raises for peer misbehaviour."""
+        try:
+            with self.scope:
+                first = True
+                while await self._serve_one(first):
+                    first = False
+        except (_ClientGone, _Close):
+            pass
+        finally:
+            if self.linger:
+                await close_gracefully(self.stream)
+            else:
+                with anyio.CancelScope(shield=True):
+                    await self.stream.aclose()
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def _receive(self) -> bytes:
+        try:
+            return await self.stream.receive(_READ_SIZE)
+        except anyio.EndOfStream:
+            return b""
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise _ClientGone from exc
+
+    def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        try:
+            return self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _BadRequest(exc.error_status_hint, str(exc)) from exc
+
+    async def _read_head(self, first: bool) -> h11.Request | None:
+        buffered = bool(self.h11.trailing_data[0])
+        if not buffered and self.server.shutting_down:
+            return None
+        # Idle: nothing of a request received yet, so shutdown may close it at once.
+        self.idle = not buffered
+        limit = self.config.header_timeout_s if first else self.config.idle_timeout_s
+        deadline = anyio.current_time() + limit
+        try:
+            while True:
+                event = self._next_event()
+                if isinstance(event, h11.Request):
+                    return event
+                if isinstance(event, h11.ConnectionClosed):
+                    return None
+                if event is not h11.NEED_DATA:
+                    raise _BadRequest(400, f"unexpected {event!r} before a request")
+                with anyio.move_on_after(deadline - anyio.current_time()):
+                    data = await self._receive()
+                    if data and self.idle:
+                        self.idle = False
+                        deadline = anyio.current_time() + self.config.header_timeout_s
+                    self.h11.receive_data(data)
+                    continue
+                # Timed out: a silent or too slow client. Nothing useful to say to it.
+                if self.h11.trailing_data[0]:
+                    await self._send_error(408, "request head not received in time")
+                return None
+        finally:
+            self.idle = False
+
+    async def _read_body(self) -> bytes:
+        body = bytearray()
+        limit = self.config.max_body_bytes
+        with anyio.move_on_after(self.config.body_timeout_s):
+            while True:
+                event = self._next_event()
+                if isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > limit:
+                        raise _Status(413, f"request body is larger than {limit} bytes")
+                elif isinstance(event, h11.EndOfMessage):
+                    return bytes(body)
+                elif event is h11.NEED_DATA:
+                    self.h11.receive_data(await self._receive())
+                else:
+                    raise _ClientGone
+        raise _Status(408, "request body not received in time")
+
+    # --- one request/response cycle ------------------------------------------------------------
+
+    async def _serve_one(self, first: bool) -> bool:
+        try:
+            head = await self._read_head(first)
+            if head is None:
+                return False
+            request = self._build_request(head)
+            if self.h11.they_are_waiting_for_100_continue:
+                await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+            request = _with_body(request, await self._read_body())
+        except _BadRequest as exc:
+            await self._send_error(exc.status, exc.message)
+            return False
+        except _Status as exc:
+            await self._send_error(exc.status, exc.message)
+            return False
+        gone = await self._dispatch(request)
+        if gone or self.server.shutting_down:
+            return False
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            return True
+        return False
+
+    def _build_request(self, head: h11.Request) -> Request:
+        if head.http_version not in (b"1.1", b"1.0"):
+            raise _Status(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        # h11 enforces its size limit only on heads that arrive in pieces; check whole ones too.
+        size = len(head.target) + sum(len(n) + len(v) + 4 for n, v in head.headers)
+        if size > self.config.max_header_bytes:
+            raise _Status(431, "request head is too large")
+        target = head.target.decode("latin-1")
+        if target.startswith(("http://", "https://")):
+            split = urlsplit(target)  # absolute form (RFC 9112, 3.2.2): use its path
+            target = (split.path or "/") + (f"?{split.query}" if split.query else "")
+        raw_path, _, query = target.partition("?")
+        if not raw_path.startswith("/"):
+            raise _Status(400, "request target must be an absolute path")
+        length = None
+        for name, value in head.headers:
+            if name == b"content-length":
+                length = int(value)
+        if length is not None and length > self.config.max_body_bytes:
+            raise _Status(413, f"request body is larger than {self.config.max_body_bytes} bytes")
+        return Request(
+            method=head.method.decode("ascii"),
+            path=unquote(raw_path),
+            query=query,
+            headers=tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers),
+            client=self.client,
+            http_version=head.http_version.decode("ascii"),
+        )
+
+    async def _dispatch(self, request: Request) -> bool:
+        """Run the handler and send its response; return True if the client went away."""
+        close = False
+        # Nothing may escape this task group: anyio would wrap it in an ExceptionGroup.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_disconnect, request, tg.cancel_scope)
+            try:
+                await self._respond(request)
+            except _ClientGone:
+                request.disconnected.set()
+            except _Close:
+                close = True
+            tg.cancel_scope.cancel()
+        return close or request.disconnected.is_set()
+
+    async def _watch_disconnect(self, request: Request, scope: anyio.CancelScope) -> None:
+        while len(self.h11.trailing_data[0]) < _MAX_PIPELINED:
+            try:
+                data = await self.stream.receive(_READ_SIZE)
+            except (
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                OSError,
+            ):
+                break
+            self.h11.receive_data(data)
+        else:
+            return  # enough pipelined input buffered: stop reading, the client is alive
+        request.disconnected.set()
+        scope.cancel()
+
+    async def _respond(self, request: Request) -> None:
+        try:
+            response = await self.server.handler(request)
+        except Exception:
+            log.exception("handler failed for %s %s", request.method, request.path)
+            response = self.config.error_response(500, "internal server error")
+        if isinstance(response, StreamingResponse):
+            await self._send_stream(request, response)
+        else:
+            await self._send_response(request, response)
+
+    def _head(self, status: int, headers: HeaderList, length: int | None) -> h11.Response:
+        out = [(name, value) for name, value in headers if name != "content-length"]
+        if length is not None:
+            out.append(("content-length", str(length)))
+        out.append(("date", _http_date()))
+        if self.server.shutting_down:
+            out.append(("connection", "close"))
+        return h11.Response(status_code=status, headers=out, reason=_reason(status))
+
+    async def _send_response(self, request: Request, response: Response) -> None:
+        try:
+            head = self._head(response.status, response.headers, len(response.body))
+            data = self.h11.send(head)
+        except h11.LocalProtocolError:
+            log.exception("handler returned an invalid response for %s", request.path)
+            response = self.config.error_response(500, "internal server error")
+            head = self._head(response.status, response.headers, len(response.body))
+            data = self.h11.send(head)
+        await self._write(data)
+        if request.method != "HEAD" and response.body:
+            await self._send(h11.Data(data=response.body))
+        await self._send(h11.EndOfMessage())
+
+    async def _send_stream(self, request: Request, response: StreamingResponse) -> None:
+        chunks = response.chunks
+        try:
+            try:
+                data = self.h11.send(self._head(response.status, response.headers, None))
+            except h11.LocalProtocolError:
+                log.exception("handler returned an invalid stream head for %s", request.path)
+                error = self.config.error_response(500, "internal server error")
+                await self._send_response(request, error)
+                return
+            await self._write(data)
+            if request.method != "HEAD":
+                async for chunk in chunks:
+                    if chunk:
+                        await self._send(h11.Data(data=chunk))
+            await self._send(h11.EndOfMessage())
+        except (_ClientGone, anyio.get_cancelled_exc_class()):
+            raise
+        except Exception as exc:
+            # The status line is gone already: the only honest signal left is to cut the
+            # connection without the final chunk, so the client sees an incomplete body.
+            log.exception("stream failed for %s %s", request.method, request.path)
+            raise _Close from exc
+        finally:
+            if isinstance(chunks, AsyncGenerator):
+                with anyio.CancelScope(shield=True):
+                    await chunks.aclose()
+
+    # --- sending -------------------------------------------------------------------------------
+
+    async def _write(self, data: bytes | None) -> None:
+        if not data:
+            return
+        with anyio.move_on_after(self.config.send_timeout_s) as scope:
+            try:
+                await self.stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise _ClientGone from exc
+        if scope.cancelled_caught:
+            raise _ClientGone
+
+    async def _send(self, event: h11.Event) -> None:
+        await self._write(self.h11.send(event))
+
+    async def _send_error(self, status: int, message: str) -> None:
+        """Send a layer error with ``connection: close`` if a response can still start."""
+        self.linger = True
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        response = self.config.error_response(status, message)
+        headers = (*response.headers, ("connection", "close"))
+        try:
+            await self._send(self._head(status, headers, len(response.body)))
+            await self._send(h11.Data(data=response.body))
+            await self._send(h11.EndOfMessage())
+        except (_ClientGone, h11.LocalProtocolError):
+            pass
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status if status in (400, 431) else 400
+        self.message = message
+
+
+class _Status(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def _with_body(request: Request, body: bytes) -> Request:
+    return attrs.evolve(request, body=body)
