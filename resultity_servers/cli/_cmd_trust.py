@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from resultity_core import (
+    ROLES,
+    ROOT_TYPE,
     Envelope,
     MalformedEnvelopeError,
+    PublicKey,
     ResultityError,
     SecretKey,
     TrustRoot,
@@ -17,7 +20,9 @@ from resultity_core import (
     load_trusted_root,
     make_root,
     parse_json_strict,
+    rotate_root,
     sign_envelope,
+    verify_envelope,
 )
 
 from ._common import CLIError, write_json_file
@@ -113,7 +118,7 @@ def load_keys(paths: list[str]) -> list[SecretKey]:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``trust init`` to the CLI."""
+    """Add ``trust init`` and ``trust rotate`` to the CLI."""
     parser = subparsers.add_parser(
         "trust", help="create trust roots", description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -145,6 +150,39 @@ def register(subparsers: Any) -> None:
     now_arg(init)
     init.set_defaults(handler=_init)
 
+    rotate = sub.add_parser(
+        "rotate", help="write the next version of a trust root (key rotation)",
+        description="Write version N+1 of the trust root in --current, signed by the current "
+        "root keys (--old-key) and by the new root keys, and check it exactly as a node will "
+        "(rotate_root) before writing. A role given no --ROLE-key keeps its current keys; a "
+        "threshold not given stays as it is (or 1 for a role given new keys).",
+        epilog="example (replace the config key):\n  resultity trust rotate --current trust.json"
+        " --out trust-v2.json --old-key root.key --config-key new-config.key",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rotate.add_argument("--current", required=True, metavar="TRUST", help="the current root")
+    rotate.add_argument("--out", required=True, metavar="PATH", help="where to write the new root")
+    rotate.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    rotate.add_argument(
+        "--old-key", action="append", required=True, default=[], metavar="K",
+        help="key file of a current root key (repeat to reach its threshold)",
+    )
+    for role in ("root", "config", "release", "network"):
+        rotate.add_argument(
+            f"--{role}-key", action="append", default=[], metavar="K",
+            help=f"key file of a new {role} key (repeat); default: keep the current ones",
+        )
+        rotate.add_argument(
+            f"--{role}-threshold", type=int, default=None, metavar="N",
+            help=f"distinct {role} keys that must sign",
+        )
+    rotate.add_argument(
+        "--expires-in", type=int, default=365, metavar="DAYS",
+        help="days until the new root expires (default 365)",
+    )
+    now_arg(rotate)
+    rotate.set_defaults(handler=_rotate)
+
 
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
@@ -164,15 +202,7 @@ def _init(args: argparse.Namespace) -> int:
         "release": load_keys(args.release_key) if args.release_key else root_keys,
         "network": load_keys(args.network_key) if args.network_key else root_keys,
     }
-    thresholds: dict[str, int] = {}
-    for role, keys in role_keys.items():
-        threshold = getattr(args, f"{role}_threshold")
-        if not 1 <= threshold <= len(keys):
-            raise CLIError(
-                f"--{role}-threshold {threshold}: must be between 1 and the {len(keys)} "
-                f"distinct {role} key(s)"
-            )
-        thresholds[role] = threshold
+    thresholds = {role: _threshold(args, role, len(keys), 1) for role, keys in role_keys.items()}
     root = make_root(
         version=1,
         expires_at=now + args.expires_in * _DAY,
@@ -183,4 +213,58 @@ def _init(args: argparse.Namespace) -> int:
     load_trusted_root(envelope, now)  # self-check before writing
     write_json_file(args.out, envelope.to_payload(), mode=0o644)
     print(f"wrote trust root v1 to {args.out}; digest {root.digest()}")
+    return 0
+
+
+def _threshold(args: argparse.Namespace, role: str, count: int, default: int) -> int:
+    threshold = getattr(args, f"{role}_threshold")
+    threshold = default if threshold is None else threshold
+    if not 1 <= threshold <= count:
+        raise CLIError(
+            f"--{role}-threshold {threshold}: must be between 1 and the {count} "
+            f"distinct {role} key(s)"
+        )
+    return int(threshold)
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not args.force:
+        raise CLIError(f"{args.out} already exists; pass --force to replace it")
+    if args.expires_in < 1:
+        raise CLIError("--expires-in must be at least 1 day")
+    now = current_time(args)
+    env = load_envelope_file(args.current, "trust root")
+    try:  # the current root may have expired: rotating is how one recovers from that
+        current = TrustRoot.from_payload(env.signed)
+        verify_envelope(env, current, "root", expected_type=ROOT_TYPE)
+    except ResultityError as exc:
+        raise CLIError(f"trust root {args.current}: {exc}") from None
+    new_public: dict[str, list[PublicKey]] = {}
+    thresholds: dict[str, int] = {}
+    signers = load_keys(args.old_key)
+    for role in ROLES:
+        given = getattr(args, f"{role}_key")
+        if given:
+            keys = load_keys(given)
+            if role == "root":
+                signers += keys
+            new_public[role] = [k.public_key for k in keys]
+            thresholds[role] = _threshold(args, role, len(keys), 1)
+        else:
+            old = current.role(role)
+            new_public[role] = [current.keys[kid] for kid in old.keyids]
+            thresholds[role] = _threshold(args, role, len(old.keyids), old.threshold)
+    new = make_root(
+        version=current.version + 1,
+        expires_at=now + args.expires_in * _DAY,
+        role_keys=new_public,
+        thresholds=thresholds,
+    )
+    envelope = sign_envelope(new.to_payload(), signers)
+    try:
+        rotate_root(current, envelope, now)
+    except ResultityError as exc:
+        raise CLIError(f"the new root would be refused by nodes: {exc}") from None
+    write_json_file(args.out, envelope.to_payload(), mode=0o644)
+    print(f"wrote trust root v{new.version} to {args.out}; digest {new.digest()}")
     return 0

@@ -14,9 +14,11 @@ import pytest
 from resultity_core import (
     Envelope,
     NodeConfig,
+    TrustRoot,
     load_key_file,
     load_trusted_root,
     node_config_hash,
+    rotate_root,
 )
 from resultity_servers.cli import main
 
@@ -310,6 +312,7 @@ def test_snapshot_verify_with_bad_trust_files(tmp_path, snapshot, keys, capsys) 
     "argv",
     [
         ["keys"], ["keys", "generate"], ["keys", "show"], ["trust"], ["trust", "init"],
+        ["trust", "rotate"],
         ["snapshot"], ["snapshot", "example"], ["snapshot", "sign"], ["snapshot", "verify"],
     ],
 )
@@ -345,3 +348,48 @@ def test_subprocess_flow_and_one_line_errors(tmp_path: Path) -> None:
     assert bad.stdout == ""
     assert bad.stderr.count("\n") == 1
     assert "Traceback" not in bad.stderr
+
+
+def test_trust_rotate(tmp_path, keys, trust, capsys) -> None:
+    out = tmp_path / "v2.json"
+    code, printed, _ = run(
+        capsys, "trust", "rotate", "--current", trust, "--out", out, "--old-key", keys["root"],
+        "--root-key", keys["root2"], "--config-key", keys["other"], "--now", NOW,
+    )
+    assert code == 0
+    assert "v2" in printed
+    v1 = TrustRoot.from_payload(Envelope.from_bytes(trust.read_bytes()).signed)
+    v2 = rotate_root(v1, Envelope.from_bytes(out.read_bytes()), NOW)
+    assert v2.role("root").keyids == (load_key_file(keys["root2"]).keyid,)
+    assert v2.role("config").keyids == (load_key_file(keys["other"]).keyid,)
+    assert v2.role("config").threshold == 1
+    assert v2.role("release") == v1.role("release")  # not given: kept
+
+
+def test_trust_rotate_refusals(tmp_path, keys, trust, capsys) -> None:
+    out = tmp_path / "v2.json"
+    # the new root keys alone cannot rotate: the current root keys must sign too
+    code, _, err = run(
+        capsys, "trust", "rotate", "--current", trust, "--out", out,
+        "--old-key", keys["root2"], "--root-key", keys["root2"], "--now", NOW,
+    )
+    assert code == 1
+    assert "root keys of v1" in one_line_error(err)
+    assert not out.exists()
+    code, _, err = run(
+        capsys, "trust", "rotate", "--current", tmp_path / "none.json", "--out", out,
+        "--old-key", keys["root"],
+    )
+    assert code == 1
+    assert "no such file" in one_line_error(err)
+
+
+def test_trust_rotate_from_an_expired_root(tmp_path, keys, trust, capsys) -> None:
+    out = tmp_path / "v2.json"
+    later = NOW + 400 * DAY
+    code, _, err = run(
+        capsys, "trust", "rotate", "--current", trust, "--out", out, "--old-key", keys["root"],
+        "--now", later,
+    )
+    assert code == 0, err
+    assert load_trusted_root(Envelope.from_bytes(out.read_bytes()), later).version == 2
