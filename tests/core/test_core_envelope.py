@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import resultity_core
 from resultity_core import (
     BadSignatureError,
     Envelope,
@@ -175,3 +176,27 @@ def test_deeply_nested_json_is_refused_cleanly() -> None:
 def test_to_payload_is_plain_json() -> None:
     env = sign_envelope(PAYLOAD, [K[0]])
     assert json.loads(json.dumps(env.to_payload())) == env.to_payload()
+
+
+SIGNED_FORMAT_NAMES = """
+KEY_FILE_TYPE KEY_TYPE PublicKey SecretKey generate_key key_id load_key_file save_key_file
+Envelope Signature check_payload_type parse_json_strict sign_envelope verify_signatures
+ROLES ROOT_TYPE Role TrustRoot load_trusted_root make_root rotate_root verify_envelope
+BACKENDS ModelEntry ModelFile NetworkParams NodeConfig Participation Price Resources
+RuntimeParams example_node_config node_config_hash Artifact Release DEFAULT_SKEW Command
+NodeGrant Receipt sign_grant sign_receipt verify_grant verify_receipt NodeTrustState Rejection
+as_envelope check_command check_node_config check_release BadSignatureError ExpiredError
+FutureDatedError HashMismatchError KeyFileError MalformedEnvelopeError PayloadFormatError
+ReplayError RollbackError RootVersionError RuleViolationError SignatureVerificationError
+ThresholdNotMetError UnknownKeyError WrongNodeError WrongPayloadTypeError
+""".split()  # noqa: SIM905 - a word list reads better than 65 quoted strings
+
+
+def test_public_surface_of_the_signed_formats() -> None:
+    for name in SIGNED_FORMAT_NAMES:
+        assert name in resultity_core.__all__, name
+        assert getattr(resultity_core, name) is not None
+    for name in SIGNED_FORMAT_NAMES:
+        obj = getattr(resultity_core, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, resultity_core.ResultityError), name
