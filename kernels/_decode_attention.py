@@ -143,6 +143,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its whole paged context.
 
@@ -150,19 +151,21 @@ def paged_decode_attention(
     token's own K/V already written); block_tables int32 [B, max_blocks]; seq_lens int32 [B]
     (>= 1, context length including the new token). ``max_seq_len`` (a bound on seq_lens) avoids
     a device sync; ``num_splits`` forces the split-K factor (default: enough programs to fill the
-    GPU twice). Returns ``out`` (or a new tensor) [B, Hq, D] in q's dtype.
+    GPU twice). ``validate=False`` skips the argument checks. Returns ``out`` (or a new tensor)
+    [B, Hq, D] in q's dtype.
 
     Raises:
         ValueError: a shape, dtype, stride or device does not fit (the message names the argument).
         KernelUnavailableError: triton is not installed.
     """
-    _check(q, k_cache, v_cache, block_tables, seq_lens)
-    check_device("q", q)
+    if validate:
+        _check(q, k_cache, v_cache, block_tables, seq_lens)
+        check_device("q", q)
     b, hq, d = q.shape
     hkv, page = k_cache.shape[2], k_cache.shape[1]
     if out is None:
         out = torch.empty_like(q)
-    else:
+    elif validate:
         check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device, shape=(b, hq, d),
                      last_contiguous=True)
     if b == 0:

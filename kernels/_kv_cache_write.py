@@ -62,18 +62,22 @@ def write_kv_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    validate: bool = True,
 ) -> None:
     """Write ``k[i]``/``v[i]`` ([N, Hkv, D]) into cache slot ``slot_mapping[i]`` in place.
 
     The caches are ``[num_blocks, block_size, Hkv, D]`` (contiguous); slot = block * block_size +
-    offset. A negative slot skips its token. Returns None.
+    offset. A negative slot skips its token. ``validate=False`` skips the argument checks.
+    Returns None.
 
     Raises:
         ValueError: a shape, dtype, stride or device does not fit (the message names the argument).
         KernelUnavailableError: triton is not installed.
     """
-    _check(k, v, k_cache, v_cache, slot_mapping)
-    check_device("k", k)
+    if validate:
+        _check(k, v, k_cache, v_cache, slot_mapping)
+        check_device("k", k)
     n = k.shape[0]
     if n == 0:
         return

@@ -182,6 +182,7 @@ def prefill_attention(
     seq_lens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Causal GQA attention of packed new tokens, each over its own sequence.
 
@@ -191,19 +192,24 @@ def prefill_attention(
     [B, max_blocks] and seq_lens int32 [B] (total length after this step), each sequence first
     has ``seq_lens[b] - q_len_b`` cached tokens that every new token attends to.
     ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tile choice
-    (BLOCK_M % BLOCK_N == 0). Returns ``out`` (or a new tensor) [N, Hq, D] in q's dtype.
+    (BLOCK_M % BLOCK_N == 0). ``validate=False`` skips the argument checks (for callers that
+    build the arguments themselves, once per layer and step). Returns ``out`` (or a new tensor)
+    [N, Hq, D] in q's dtype.
 
     Raises:
         ValueError: a shape, dtype, stride or device does not fit (the message names the argument).
         KernelUnavailableError: triton is not installed.
     """
-    has_prefix = _check(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens)
-    check_device("q", q)
+    if validate:
+        has_prefix = _check(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens)
+        check_device("q", q)
+    else:
+        has_prefix = k_cache is not None
     n, hq, d = q.shape
     hkv = k.shape[1]
     if out is None:
         out = torch.empty_like(q)
-    else:
+    elif validate:
         check_tensor("out", out, ndim=3, dtypes=(q.dtype,), device=q.device, shape=(n, hq, d),
                      last_contiguous=True)
     b = cu_seqlens_q.shape[0] - 1

@@ -1,0 +1,73 @@
+"""Triton attention backend: the resultity_kernels kernels behind the AttentionBackend protocol.
+
+Per layer and step: one kernel scatters the new K/V into the paged cache; then a decode-only
+step (every sequence brings one token) runs the split-K paged decode kernel, and any other step
+(prefill, chunked prefill over a cached prefix, mixed prefill + decode) runs the prefill kernel,
+which reads each sequence's cached prefix through its block table and the new tokens from the
+packed k/v. Inputs the kernels do not cover (a CPU tensor outside the Triton interpreter, or
+float32 on CUDA, where tl.dot would round through TF32) go to the torch reference backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from resultity_kernels import paged_decode_attention, prefill_attention, write_kv_cache
+from resultity_kernels._triton_compat import HAS_TRITON, interpreting
+
+from ._attention import AttentionMetadata, TorchAttentionBackend
+
+__all__ = ["TritonAttentionBackend"]
+
+if not HAS_TRITON:  # the engine falls back to the torch backend on this ImportError
+    raise ImportError("resultity_runtime._triton_backend needs triton")
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class TritonAttentionBackend:
+    """AttentionBackend on Triton kernels (CUDA fp16/bf16; CPU float32 under TRITON_INTERPRET)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._fallback = TorchAttentionBackend()
+        self._last_meta: AttentionMetadata | None = None
+
+    def _covered(self, q: Tensor, k_cache: Tensor) -> bool:
+        if q.device.type == "cuda":
+            return q.dtype in _KERNEL_DTYPES and k_cache.dtype == q.dtype
+        return q.device.type == "cpu" and interpreting()
+
+    def forward(  # noqa: PLR0917 - the AttentionBackend protocol
+        self,
+        q: Tensor,  # [N, Hq, D]
+        k: Tensor,  # [N, Hkv, D], rotary already applied
+        v: Tensor,  # [N, Hkv, D]
+        k_cache: Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> Tensor:  # [N, Hq, D]
+        """Return the attention output ``[N, Hq, D]`` after writing k/v at meta.slot_mapping.
+
+        Raises ValueError (from the kernel wrappers) when the tensors do not fit the layout.
+        """
+        if not self._covered(q, k_cache):
+            return self._fallback.forward(q, k, v, k_cache, v_cache, meta, scale)
+        # every layer of a step shares one metadata and one layout: check the first layer only,
+        # since the Python checks would cost about as much as a small decode kernel
+        check = meta is not self._last_meta
+        self._last_meta = meta
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, validate=check)
+        if meta.max_query_len == 1:
+            return paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
+                validate=check,
+            )
+        return prefill_attention(
+            q, k, v, meta.query_start_loc, meta.max_query_len, scale,
+            k_cache=k_cache, v_cache=v_cache, block_tables=meta.block_tables,
+            seq_lens=meta.seq_lens, validate=check,
+        )
