@@ -18,13 +18,14 @@ import jinja2.ext
 import sentencepiece as spm
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ._config import ModelConfig
+from ._config import ModelConfig, load_config
 from ._errors import ChatTemplateError, ModelLoadError
 
 __all__ = ["Tokenizer", "load_tokenizer", "render_chat_template"]
 
 _SP_FILE = "tokenizer.model"
 _TOK_CONFIG = "tokenizer_config.json"
+_GEN_CONFIG = "generation_config.json"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # sentencepiece turns U+2581 (its space marker) back into a space on decode; we encode that
 # character as its UTF-8 bytes through byte-fallback pieces so it round-trips.
@@ -138,15 +139,31 @@ class Tokenizer:
         self._special_re = re.compile(
             "|".join(re.escape(t) for t in sorted(self._special_text, key=len, reverse=True))
         ) if self._special_text else None
+        # sentencepiece matches user-defined symbols anywhere in text; plain encode splits
+        # them after their first character so user text cannot produce a special token
+        literal = sorted((t for t, i in self._special_text.items()
+                          if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))),
+                         key=len, reverse=True)
+        self._literal_re = re.compile("|".join(map(re.escape, literal))) if literal else None
         self._space_mark_ids: list[int] | None = None
         pieces = [sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode()]
         if all(sp.is_byte(p) for p in pieces):
             self._space_mark_ids = pieces
 
     def _encode_plain(self, text: str) -> list[int]:
+        if self._literal_re is not None and self._literal_re.search(text):
+            ids: list[int] = []
+            pos = 0
+            for m in self._literal_re.finditer(text):
+                ids += self._encode_segment(text[pos:m.start() + 1])
+                pos = m.start() + 1
+            return ids + self._encode_segment(text[pos:])
+        return self._encode_segment(text)
+
+    def _encode_segment(self, text: str) -> list[int]:
         if _SPACE_MARK not in text or self._space_mark_ids is None:
             return list(self._sp.encode(text)) if text else []
-        ids: list[int] = []
+        ids = []
         for k, part in enumerate(text.split(_SPACE_MARK)):
             if k:
                 ids.extend(self._space_mark_ids)
@@ -222,10 +239,28 @@ class Tokenizer:
         return self.encode_with_special(text, add_bos=self.add_bos_token)
 
 
+def _generation_eos(path: Path) -> list[int]:
+    gen_path = path / _GEN_CONFIG
+    if not gen_path.is_file():
+        return []
+    try:
+        raw = json.loads(gen_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(_GEN_CONFIG, f"cannot read: {exc}") from None
+    value = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    items = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        raise ModelLoadError(_GEN_CONFIG, f"must be an id or a list of ids, got {value!r}",
+                             field="eos_token_id")
+    return list(items)
+
+
 def load_tokenizer(model_dir: str | Path, config: ModelConfig | None = None) -> Tokenizer:
     """Return the Tokenizer of ``model_dir`` (tokenizer.model + optional tokenizer_config.json).
 
-    Raises ModelLoadError naming the file when it is missing or unreadable.
+    ``eos_ids`` gathers the sentencepiece EOS, config.json's ``eos_token_id`` (from ``config``,
+    else read from the directory) and generation_config.json's. Raises ModelLoadError naming
+    the file when one is missing, unreadable or invalid.
     """
     path = Path(model_dir)
     try:
@@ -246,8 +281,12 @@ def load_tokenizer(model_dir: str | Path, config: ModelConfig | None = None) -> 
         cfg = raw
         if "chat_template" in cfg and not isinstance(cfg["chat_template"], str | None):
             raise ModelLoadError(_TOK_CONFIG, "must be a string", field="chat_template")
+    if config is None and (path / "config.json").is_file():
+        config = load_config(path)
+    eos = list(config.eos_token_ids) if config is not None else []
+    eos += [i for i in _generation_eos(path) if i not in eos]
     try:
-        tok = Tokenizer(proto, cfg, config.eos_token_ids if config else ())
+        tok = Tokenizer(proto, cfg, eos)
     except (RuntimeError, OSError) as exc:
         raise ModelLoadError(_SP_FILE, f"not a sentencepiece model: {exc}") from None
     if config is not None and tok.vocab_size > config.vocab_size:
