@@ -13,7 +13,7 @@ from typing import Any
 
 from ._errors import CanonicalEncodingError
 
-__all__ = ["canonical_bytes", "canonical_digest", "sha256_digest", "DIGEST_PREFIX"]
+__all__ = ["DIGEST_PREFIX", "canonical_bytes", "canonical_digest", "sha256_digest"]
 
 DIGEST_PREFIX = "sha256:"
 
@@ -32,10 +32,14 @@ def _check(value: Any, path: str) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise CanonicalEncodingError(path, "string is not valid UTF-8 (lone surrogate)") from exc
+                raise CanonicalEncodingError(
+                    path, "string is not valid UTF-8 (lone surrogate)"
+                ) from exc
         return
     if isinstance(value, float):
-        raise CanonicalEncodingError(path, f"floats are not allowed in canonical form (got {value!r})")
+        raise CanonicalEncodingError(
+            path, f"floats are not allowed in canonical form (got {value!r})"
+        )
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):

@@ -49,7 +49,7 @@ class ResultityError(Exception):
 
 
 class CanonicalEncodingError(ResultityError, ValueError):
-    """A value cannot be put in canonical form; ``path`` names where (``models[2].files[0].size``)."""
+    """A value has no canonical form; ``path`` names where (``models[2].files[0].size``)."""
 
     def __init__(self, path: str, reason: str) -> None:
         self.path = path

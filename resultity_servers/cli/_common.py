@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,16 @@ def read_json_file(path: str | Path, what: str = "file") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CLIError(f"{what} {p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise CLIError(
+            f"{what} {p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
 
 
 def write_json_file(path: str | Path, value: Any, *, mode: int | None = None) -> None:
-    """Write ``value`` as indented JSON atomically (temp file + rename); ``mode`` sets permissions."""
-    import os
+    """Write ``value`` as indented JSON atomically (temp file, then rename).
 
+    ``mode`` sets the permissions (default 0644). Raises CLIError naming the file on failure.
+    """
     p = Path(path)
     if p.parent and not p.parent.exists():
         raise CLIError(f"cannot write {p}: directory {p.parent} does not exist")
