@@ -28,6 +28,7 @@ import hashlib
 import math
 import secrets
 import types
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -239,8 +240,9 @@ class Sampler:
 
         ``params``, ``output_ids`` (tokens generated so far) and, when given, ``generators``
         and ``prompt_ids`` (used only by ``repetition_penalty``) have one entry per row.
-        Returns a SamplerOutput. Raises InvalidSamplingParamsError when a ``logit_bias`` id is
-        outside the vocabulary or bans every token, ValueError on mismatched lengths.
+        ``logits`` is not modified. Returns a SamplerOutput. Raises InvalidSamplingParamsError
+        when a ``logit_bias`` id is outside the vocabulary or bans every token, ValueError on
+        mismatched lengths.
         """
         m = logits.shape[0]
         if len(params) != m or len(output_ids) != m:
@@ -250,50 +252,48 @@ class Sampler:
         if prompt_ids is not None and len(prompt_ids) != m:
             raise ValueError(f"expected {m} prompt histories")
         device = logits.device
-        x = logits.to(torch.float32, copy=True)  # [M, V]
+        # copy only when something below writes into the logits
+        needs_copy = any(p.logit_bias or p.uses_penalties for p in params)
+        x = logits.to(torch.float32, copy=needs_copy)  # [M, V]
 
-        banned = _apply_logit_bias(x, params)
-        if banned and bool(torch.isneginf(x.amax(dim=-1)).any()):
+        if _apply_logit_bias(x, params) and bool(torch.isneginf(x.amax(dim=-1)).any()):
             raise InvalidSamplingParamsError("logit_bias", "bans every token of the vocabulary")
 
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        raw_logprobs = torch.log_softmax(x[lp_rows], dim=-1) if lp_rows else None
+        raw_logprobs = None
+        if lp_rows:
+            raw_logprobs = torch.log_softmax(x if len(lp_rows) == m else x[lp_rows], dim=-1)
 
         _apply_penalties(x, params, output_ids, prompt_ids)
 
-        sampled = torch.empty(m, dtype=torch.int64, device=device)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if greedy_rows:
-            if len(greedy_rows) == m:
-                sampled = x.argmax(dim=-1)
-            else:
-                sampled[greedy_rows] = x[greedy_rows].argmax(dim=-1)
-        if random_rows:
-            sub = [params[i] for i in random_rows]
+        if len(greedy_rows) == m:
+            sampled = x.argmax(dim=-1)
+        else:
             gens = [
                 (generators[i] if generators is not None else None) or self._shared
                 for i in random_rows
             ]
             y = x if len(random_rows) == m else x[random_rows]
-            probs = _truncated_probs(y, sub)
-            chosen = _draw(probs, gens)
+            chosen = _draw(_truncated_probs(y, [params[i] for i in random_rows]), gens)
             if len(random_rows) == m:
                 sampled = chosen
             else:
+                sampled = torch.empty(m, dtype=torch.int64, device=device)
                 sampled[random_rows] = chosen
+                sampled[greedy_rows] = x[greedy_rows].argmax(dim=-1)
 
         token_list: list[int] = sampled.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * m
         if raw_logprobs is not None:
-            for j, entry in enumerate(
-                _collect_logprobs(
-                    raw_logprobs,
-                    [token_list[i] for i in lp_rows],
-                    [params[i].logprobs or 0 for i in lp_rows],
-                )
-            ):
-                logprobs[lp_rows[j]] = entry
+            entries = _collect_logprobs(
+                raw_logprobs,
+                [token_list[i] for i in lp_rows],
+                [params[i].logprobs or 0 for i in lp_rows],
+            )
+            for row, entry in zip(lp_rows, entries, strict=True):
+                logprobs[row] = entry
         return SamplerOutput(token_ids=sampled, token_id_list=token_list, logprobs=logprobs)
 
 
@@ -320,90 +320,109 @@ def _apply_logit_bias(x: torch.Tensor, params: Sequence[SamplingParams]) -> bool
     return any(b == -math.inf for b in vals)
 
 
-def _token_counts(
-    histories: Sequence[Sequence[int]], vocab: int, device: torch.device
-) -> torch.Tensor:
-    """Return float32 [R, V] occurrence counts of each row's history."""
-    width = max((len(h) for h in histories), default=0)
-    counts = torch.zeros(len(histories), vocab + 1, dtype=torch.float32, device=device)
-    if width:
-        padded = [list(h) + [vocab] * (width - len(h)) for h in histories]
-        ids = torch.tensor(padded, dtype=torch.int64, device=device).clamp_(0, vocab)
-        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
-    return counts[:, :vocab]
-
-
-def _column(values: Sequence[Any], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
-
-
 def _apply_penalties(
     x: torch.Tensor,
     params: Sequence[SamplingParams],
     output_ids: Sequence[Sequence[int]],
     prompt_ids: Sequence[Sequence[int] | None] | None,
 ) -> None:
-    rows = [i for i, p in enumerate(params) if p.uses_penalties]
+    """Apply repetition, frequency and presence penalties in place.
+
+    Only the logits of tokens already seen change, so the work is O(history), not O(V).
+    """
+    v = x.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    counts: list[float] = []
+    reps: list[float] = []
+    freqs: list[float] = []
+    press: list[float] = []
+    for i, p in enumerate(params):
+        if not p.uses_penalties:
+            continue
+        seen = Counter(t for t in output_ids[i] if 0 <= t < v)
+        if p.repetition_penalty != 1.0 and prompt_ids is not None:
+            for t in prompt_ids[i] or ():
+                if 0 <= t < v and t not in seen:
+                    seen[t] = 0
+        for token, count in seen.items():
+            rows.append(i)
+            cols.append(token)
+            counts.append(float(count))
+            reps.append(p.repetition_penalty)
+            freqs.append(p.frequency_penalty)
+            press.append(p.presence_penalty)
     if not rows:
         return
     device = x.device
-    v = x.shape[1]
-    sub = x[rows]  # [R, V] copy
-    out_counts = _token_counts([output_ids[i] for i in rows], v, device)
-    rep = [params[i].repetition_penalty for i in rows]
-    if any(r != 1.0 for r in rep):
-        seen_hist = [
-            list(prompt_ids[i] or ()) + list(output_ids[i])
-            if prompt_ids is not None
-            else list(output_ids[i])
-            for i in rows
-        ]
-        seen = _token_counts(seen_hist, v, device) > 0
-        r = _column(rep, device)
-        sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
-    freq = _column([params[i].frequency_penalty for i in rows], device)
-    pres = _column([params[i].presence_penalty for i in rows], device)
-    sub = sub - freq * out_counts - pres * (out_counts > 0).to(torch.float32)
-    x[rows] = sub
+    r = torch.tensor(rows, device=device)
+    c = torch.tensor(cols, device=device)
+    vals = x[r, c]  # [E]
+    rep = torch.tensor(reps, dtype=torch.float32, device=device)
+    vals = torch.where(vals > 0, vals / rep, vals * rep)
+    cnt = torch.tensor(counts, dtype=torch.float32, device=device)
+    vals = vals - torch.tensor(freqs, dtype=torch.float32, device=device) * cnt
+    vals = vals - torch.tensor(press, dtype=torch.float32, device=device) * (cnt > 0)
+    x[r, c] = vals
+
+
+def _column(values: Sequence[Any], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+_TOP_P_CANDIDATES = 128
+
+
+def _top_p_threshold(y: torch.Tensor, ps: torch.Tensor, candidates: int) -> torch.Tensor:
+    """Return [R, 1] logit thresholds of top-p (keep y >= threshold); -inf keeps everything.
+
+    Looks at the ``candidates`` largest logits first and sorts a whole row only when its
+    nucleus is wider than that.
+    """
+    v = y.shape[1]
+    k = min(v, candidates)
+    vals = y.topk(k, dim=-1).values if k < v else y.sort(dim=-1, descending=True).values
+    probs = torch.exp(vals - torch.logsumexp(y, dim=-1, keepdim=True))  # [R, k]
+    mass_above = probs.cumsum(dim=-1) - probs
+    keep = mass_above < ps
+    keep[:, 0] = True
+    n_keep = keep.sum(dim=-1, keepdim=True)  # kept positions form a prefix
+    threshold = vals.gather(1, n_keep - 1)
+    off = ps >= 1.0
+    threshold = threshold.masked_fill(off, -math.inf)
+    if k < v:
+        wider = (keep[:, -1:] & ~off).squeeze(1)
+        if bool(wider.any()):
+            rows = wider.nonzero().squeeze(1)
+            threshold[rows] = _top_p_threshold(y[rows], ps[rows], v)
+    return threshold
 
 
 def _truncated_probs(y: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Return float32 [R, V] probabilities after temperature, top-k, top-p and min-p."""
+    """Return float32 [R, V] probabilities after temperature, top-k, top-p and min-p.
+
+    ``y`` is not modified.
+    """
     device = y.device
     v = y.shape[1]
     temps = [p.temperature for p in params]
-    if all(t == temps[0] for t in temps):
-        y = y / temps[0] if temps[0] != 1.0 else y.clone()
-    else:
-        y = y / _column(temps, device)
+    # division makes a new tensor, which the masks below may write into
+    same = all(t == temps[0] for t in temps)
+    y = y / temps[0] if same else y / _column(temps, device)
 
     ks = [p.top_k if 0 < p.top_k < v else v for p in params]
-    ps = [p.top_p for p in params]
-    use_k = any(k < v for k in ks)
-    use_p = any(p < 1.0 for p in ps)
-    neg_inf = torch.tensor(-math.inf, device=device)
-    if use_p:
-        sorted_logits, _ = y.sort(dim=-1, descending=True)  # [R, V]
-        if use_k:
-            kth = sorted_logits.gather(1, torch.tensor(ks, device=device).unsqueeze(1) - 1)
-            sorted_logits = torch.where(sorted_logits >= kth, sorted_logits, neg_inf)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep = mass_above < _column(ps, device)
-        keep[:, 0] = True
-        n_keep = keep.sum(dim=-1, keepdim=True)  # kept positions form a prefix
-        threshold = sorted_logits.gather(1, n_keep - 1)
-        y = torch.where(y >= threshold, y, neg_inf)
-    elif use_k:
-        kmax = max(ks)
-        top_vals = y.topk(kmax, dim=-1).values  # [R, kmax] descending
+    if any(k < v for k in ks):
+        top_vals = y.topk(max(ks), dim=-1).values  # [R, kmax] descending
         kth = top_vals.gather(1, torch.tensor(ks, device=device).unsqueeze(1) - 1)
-        y = torch.where(y >= kth, y, neg_inf)
-
+        y.masked_fill_(y < kth, -math.inf)
+    ps = [p.top_p for p in params]
+    if any(p < 1.0 for p in ps):
+        threshold = _top_p_threshold(y, _column(ps, device), _TOP_P_CANDIDATES)
+        y.masked_fill_(y < threshold, -math.inf)
     min_ps = [p.min_p for p in params]
     if any(mp > 0.0 for mp in min_ps):
         log_min_p = torch.log(_column(min_ps, device))  # log(0) = -inf keeps everything
-        y = torch.where(y >= y.amax(dim=-1, keepdim=True) + log_min_p, y, neg_inf)
+        y.masked_fill_(y < y.amax(dim=-1, keepdim=True) + log_min_p, -math.inf)
     return torch.softmax(y, dim=-1)
 
 

@@ -136,6 +136,26 @@ def test_sampled_ids_lie_in_the_allowed_set(
             assert out.token_id_list[0] in kept
 
 
+@given(
+    seed=st.integers(0, 2**31),
+    scales=st.lists(st.sampled_from([0.05, 1.0, 4.0, 12.0]), min_size=1, max_size=4),
+    p=truncation,
+)
+@settings(max_examples=25)
+def test_wide_vocab_top_p_uses_candidates_then_falls_back(
+    seed: int, scales: list[float], p: SamplingParams
+) -> None:
+    # 600 tokens: more than the 128 top-p candidates, so both the candidate path (peaked rows)
+    # and the full-sort fallback (flat rows) run, possibly in one batch
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(scales), 600, generator=gen) * torch.tensor(scales).unsqueeze(1)
+    probs = _truncated_probs(x, [p] * len(scales))
+    for row in range(len(scales)):
+        logits = x[row].tolist()
+        kept = {i for i, keep in enumerate((probs[row] > 0).tolist()) if keep}
+        assert reference_allowed(logits, p, -1e-4) <= kept <= reference_allowed(logits, p, 1e-4)
+
+
 def test_mixed_batch_truncation_matches_rows_alone() -> None:
     torch.manual_seed(0)
     x = torch.randn(5, 40)
