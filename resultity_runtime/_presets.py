@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from ._config import parse_config
 from ._loader import hf_tensor_shapes
 
-__all__ = ["PRESETS", "Preset", "generate_corpus", "init_model_dir"]
+__all__ = ["PRESETS", "Preset", "generate_corpus", "init_model_dir", "preset_num_params"]
 
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 # ChatML turns; the BOS string comes first, so encode_chat must not add a second BOS.
@@ -189,6 +189,13 @@ def _tokenizer_config(im_start: int, im_end: int) -> dict[str, Any]:
     }
 
 
+def preset_num_params(preset: str) -> int:
+    """Return the parameter count of a preset's model; raise ValueError for an unknown one."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown {preset!r} (use one of {', '.join(PRESETS)})")
+    return parse_config(_config_json(PRESETS[preset], 4)).num_params
+
+
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -219,6 +226,9 @@ def init_model_dir(
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out}: directory is not empty (use force to overwrite)")
     out.mkdir(parents=True, exist_ok=True)
+    # a stale index or shards from an earlier model would take precedence over ours
+    for stale in [out / "model.safetensors.index.json", *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
 
     if progress:
         _progress(f"training a {p.tokenizer_vocab}-piece sentencepiece tokenizer")
@@ -249,4 +259,5 @@ def init_model_dir(
     if progress:
         _progress("writing model.safetensors")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)
     return out
