@@ -397,3 +397,28 @@ def test_logprobs_zero_gives_only_the_chosen_token() -> None:
 def test_mismatched_lengths_raise() -> None:
     with pytest.raises(ValueError, match="expected 2"):
         Sampler(0).sample(torch.zeros(2, 4), [SamplingParams()], [[]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rows_sample_like_cpu_rows() -> None:
+    # generators live on the CPU, so a seeded request gives the same tokens on either device
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1000, generator=gen) * 3
+    params = [
+        SamplingParams(seed=1),
+        SamplingParams(seed=2, top_p=0.8, presence_penalty=0.5),
+        SamplingParams(temperature=0),
+        SamplingParams(seed=3, top_k=20, min_p=0.05, logprobs=3),
+    ]
+    runs = []
+    for device in ("cpu", "cuda"):
+        gens = [make_generator(p.seed) if p.seed is not None else None for p in params]
+        hists: list[list[int]] = [[] for _ in params]
+        for _ in range(8):
+            out = Sampler(0).sample(x.to(device), params, hists, gens)
+            assert out.token_ids.device.type == device
+            for h, t in zip(hists, out.token_id_list, strict=True):
+                h.append(t)
+        runs.append(hists)
+    assert runs[0] == runs[1]
