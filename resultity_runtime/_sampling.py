@@ -20,6 +20,9 @@ Processing order for one row of logits (all in float32):
 5. One uniform draw per sampled row from that row's own ``torch.Generator`` selects a token by
    inverse CDF (float64) over the remaining probabilities. Generators live on the CPU, so a
    seeded request gives the same tokens on any device and in any batch.
+
+Importing this module does not import torch (torch is imported where tensors are made), so a
+process without torch can build and validate SamplingParams.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ import secrets
 import types
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
 
 from resultity_runtime._errors import RuntimeEngineError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MAX_LOGPROBS",
@@ -177,6 +182,8 @@ def make_generator(seed: int | None, index: int = 0) -> torch.Generator:
     sequences of one request: index 0 uses ``seed`` itself, index i > 0 a seed derived from
     (seed, i) by SHA-256, so sibling sequences differ but stay reproducible.
     """
+    import torch
+
     if seed is None:
         value = secrets.randbits(64)
     elif index == 0:
@@ -244,6 +251,8 @@ class Sampler:
         when a ``logit_bias`` id is outside the vocabulary or bans every token, ValueError on
         mismatched lengths.
         """
+        import torch
+
         m = logits.shape[0]
         if len(params) != m or len(output_ids) != m:
             raise ValueError(f"expected {m} params and output histories")
@@ -299,6 +308,8 @@ class Sampler:
 
 def _apply_logit_bias(x: torch.Tensor, params: Sequence[SamplingParams]) -> bool:
     """Add each row's bias in place; return whether any token was banned."""
+    import torch
+
     v = x.shape[1]
     rows: list[int] = []
     cols: list[int] = []
@@ -330,6 +341,8 @@ def _apply_penalties(
 
     Only the logits of tokens already seen change, so the work is O(history), not O(V).
     """
+    import torch
+
     v = x.shape[1]
     rows: list[int] = []
     cols: list[int] = []
@@ -367,6 +380,8 @@ def _apply_penalties(
 
 
 def _column(values: Sequence[Any], device: torch.device) -> torch.Tensor:
+    import torch
+
     return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
@@ -379,6 +394,8 @@ def _top_p_threshold(y: torch.Tensor, ps: torch.Tensor, candidates: int) -> torc
     Looks at the ``candidates`` largest logits first and sorts a whole row only when its
     nucleus is wider than that.
     """
+    import torch
+
     v = y.shape[1]
     k = min(v, candidates)
     vals = y.topk(k, dim=-1).values if k < v else y.sort(dim=-1, descending=True).values
@@ -403,6 +420,8 @@ def _truncated_probs(y: torch.Tensor, params: Sequence[SamplingParams]) -> torch
 
     ``y`` is not modified.
     """
+    import torch
+
     device = y.device
     v = y.shape[1]
     temps = [p.temperature for p in params]
@@ -428,6 +447,8 @@ def _truncated_probs(y: torch.Tensor, params: Sequence[SamplingParams]) -> torch
 
 def _draw(probs: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
     """Inverse-CDF draw of one token per row; each row consumes exactly one uniform."""
+    import torch
+
     u = torch.tensor(
         [float(torch.rand((), generator=g, dtype=torch.float64)) for g in gens],
         dtype=torch.float64,
@@ -444,6 +465,8 @@ def _draw(probs: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
 def _collect_logprobs(
     raw: torch.Tensor, chosen: Sequence[int], counts: Sequence[int]
 ) -> list[TokenLogprobs]:
+    import torch
+
     device = raw.device
     idx = torch.tensor(chosen, dtype=torch.int64, device=device).unsqueeze(1)
     chosen_lp = raw.gather(1, idx)  # [R, 1]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import attrs
 import numpy as np
@@ -73,6 +75,14 @@ def test_params_defaults_and_freezing() -> None:
     )
     with pytest.raises(TypeError):
         p.logit_bias[7] = 1.0  # type: ignore[index]
+
+
+def test_sampling_params_import_without_torch() -> None:
+    code = (
+        "import sys; from resultity_runtime._sampling import SamplingParams; "
+        "SamplingParams(top_p=0.5, stop=['x']); assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --- helpers --------------------------------------------------------------------------------
