@@ -154,20 +154,23 @@ class Connection:
     async def _read_body(self) -> bytes:
         body = bytearray()
         limit = self.config.max_body_bytes
-        with anyio.move_on_after(self.config.body_timeout_s):
-            while True:
-                event = self._next_event()
-                if isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > limit:
-                        raise _Status(413, f"request body is larger than {limit} bytes")
-                elif isinstance(event, h11.EndOfMessage):
-                    return bytes(body)
-                elif event is h11.NEED_DATA:
+        # A deadline for the whole body; no timer at all when the body is already buffered.
+        deadline = anyio.current_time() + self.config.body_timeout_s
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limit:
+                    raise _Status(413, f"request body is larger than {limit} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            elif event is h11.NEED_DATA:
+                with anyio.move_on_after(deadline - anyio.current_time()):
                     self.h11.receive_data(await self._receive())
-                else:
-                    raise _ClientGone
-        raise _Status(408, "request body not received in time")
+                    continue
+                raise _Status(408, "request body not received in time")
+            else:
+                raise _ClientGone
 
     # --- one request/response cycle ------------------------------------------------------------
 
@@ -284,10 +287,10 @@ class Connection:
             response = self.config.error_response(500, "internal server error")
             head = self._head(response.status, response.headers, len(response.body))
             data = self.h11.send(head)
-        await self._write(data)
+        # One write for the whole response: half the system calls of head-then-body.
         if request.method != "HEAD" and response.body:
-            await self._send(h11.Data(data=response.body))
-        await self._send(h11.EndOfMessage())
+            data = (data or b"") + (self.h11.send(h11.Data(data=response.body)) or b"")
+        await self._write((data or b"") + (self.h11.send(h11.EndOfMessage()) or b""))
 
     async def _send_stream(self, request: Request, response: StreamingResponse) -> None:
         chunks = response.chunks
@@ -305,7 +308,10 @@ class Connection:
                     if chunk:
                         await self._send(h11.Data(data=chunk))
             await self._send(h11.EndOfMessage())
-        except (_ClientGone, anyio.get_cancelled_exc_class()):
+        except _ClientGone:
+            request.disconnected.set()  # before the generator's cleanup runs below
+            raise
+        except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
             # The status line is gone already: the only honest signal left is to cut the

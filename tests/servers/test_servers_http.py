@@ -421,6 +421,31 @@ async def test_client_disconnect_cancels_a_waiting_plain_handler() -> None:
                 await cancelled.wait()
 
 
+async def test_client_that_stops_reading_counts_as_disconnected() -> None:
+    done = anyio.Event()
+    sent = [0]
+
+    async def firehose(request: Request) -> StreamingResponse:
+        async def gen() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield b"x" * (1 << 20)
+                    sent[0] += 1
+            finally:
+                if request.is_disconnected():
+                    done.set()
+
+        return StreamingResponse(gen())
+
+    with anyio.fail_after(5):
+        async with server_for(firehose, send_timeout_s=0.3) as server:
+            raw = await Raw.connect(server)
+            await raw.request("GET", "/firehose")  # and then never read
+            with anyio.fail_after(3):
+                await done.wait()
+            assert sent[0] < 200  # it stopped because writes stalled, not because it finished
+
+
 async def test_error_inside_a_stream_cuts_the_connection() -> None:
     async def broken(request: Request) -> StreamingResponse:
         async def gen() -> AsyncIterator[bytes]:
