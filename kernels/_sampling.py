@@ -67,9 +67,9 @@ def _sample_kernel(
             # largest value with count(x >= value) >= top_k; invariants F(lo) >= k > F(hi)
             lo = mn
             hi = mx
-            vmin = 0.0
-            vmax = 1.0
-            it = 0
+            vmin = tl.full([], 0.0, tl.float32)  # typed: loop-carried values keep one type
+            vmax = tl.full([], 1.0, tl.float32)
+            it = tl.full([], 0, tl.int32)
             while (vmax > vmin) & (it < MAX_ITERS):
                 mid = lo + (hi - lo) * 0.5
                 f = tl.zeros([BLOCK], tl.int32)
@@ -112,9 +112,9 @@ def _sample_kernel(
             if cnt_max.to(tl.float32) < target:
                 lo = thr
                 hi = mx
-                vmin = 0.0
-                vmax = 1.0
-                it = 0
+                vmin = tl.full([], 0.0, tl.float32)
+                vmax = tl.full([], 1.0, tl.float32)
+                it = tl.full([], 0, tl.int32)
                 while (vmax > vmin) & (it < MAX_ITERS):
                     mid = lo + (hi - lo) * 0.5
                     f = tl.zeros([BLOCK], tl.float32)
