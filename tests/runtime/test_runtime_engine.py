@@ -328,3 +328,33 @@ def test_steps_from_many_threads_are_safe(engine: Engine, solo: list[tuple[int, 
         t.join()
     assert [results[i] for i in range(len(PROMPTS))] == solo
     assert _all_free(engine)
+
+
+def test_kv_cache_is_planned_from_the_budget(engine: Engine) -> None:
+    import torch
+
+    from resultity_runtime._kv_cache import bytes_per_block, plan_num_blocks
+
+    cfg = engine.config
+    per = bytes_per_block(cfg, 8, torch.float32)
+    assert per == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 8 * 4
+    assert engine.kv_cache.num_blocks == (8 << 20) // per
+    assert engine.kv_cache.nbytes == engine.kv_cache.num_blocks * per
+    k, v = engine.kv_cache.layers[1]
+    assert k.shape == (engine.kv_cache.num_blocks, 8, cfg.num_key_value_heads, cfg.head_dim)
+    assert k.is_contiguous()
+    assert v.data_ptr() == k.data_ptr() + k.numel() * 4
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="below one block"):
+        plan_num_blocks(cfg, 8, torch.float32, cpu, kv_cache_bytes=per - 1)
+    # from free memory: capped at what max_useful_tokens can ever use
+    assert plan_num_blocks(cfg, 8, torch.float32, cpu, max_useful_tokens=80) == 10
+
+
+def test_public_names_resolve() -> None:
+    import resultity_runtime
+
+    for name in resultity_runtime.__all__:
+        assert getattr(resultity_runtime, name) is not None
+    with pytest.raises(AttributeError):
+        _ = resultity_runtime.NoSuchName  # type: ignore[attr-defined]

@@ -1,0 +1,196 @@
+"""Engine throughput and latency on CPU, on the ``small`` preset (about 100M parameters).
+
+Run: ``python benchmarks/engine_cpu.py [--model DIR] [--tokens 64] [--dtype float32]``
+
+The model directory is created with ``init_model_dir`` (preset small, seed 0) under
+``~/.cache/resultity/models/small-seed0`` unless it exists. Figures, in one run:
+
+- decode tokens/s at batch 1, engine against transformers ``generate`` (greedy, same weights,
+  float32, use_cache=True). Both are measured the same way: (T(n tokens) - T(1 token)) /
+  (n - 1), so prefill and the first token are excluded;
+- aggregate tokens/s with 16 concurrent requests against 1 (wall clock, whole requests);
+- time to first token of a 512-token prompt (engine.generate with max_tokens=1);
+- peak RSS (VmHWM from /proc/self/status, reset between phases through
+  /proc/self/clear_refs) while serving 1, 16 and 64 concurrent requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from resultity_runtime import Engine, SamplingParams, init_model_dir
+
+DEFAULT_DIR = Path.home() / ".cache" / "resultity" / "models" / "small-seed0"
+PROMPT = (
+    "The Network publishes a signed config snapshot, every node verifies the signatures and "
+    "the hash, then the Agent installs the approved models and leases jobs by long poll."
+)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _best_of(runs: int, fn: Callable[[], object]) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _prompt_ids(engine: Engine, length: int) -> list[int]:
+    ids = engine.tokenizer.encode(PROMPT, add_bos=True)
+    while len(ids) < length:
+        ids += ids[1:]
+    return ids[:length]
+
+
+def bench_engine_decode(engine: Engine, prompt: list[int], n: int, runs: int) -> float:
+    def gen(k: int) -> Callable[[], object]:
+        p = SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True)
+        return lambda: engine.generate([prompt], p)
+
+    t1 = _best_of(runs, gen(1))
+    tn = _best_of(runs, gen(n))
+    return (n - 1) / (tn - t1)
+
+
+def bench_hf_decode(model_dir: Path, prompt: list[int], n: int, runs: int) -> float:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    eos = model.config.eos_token_id
+
+    def gen(k: int) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode():
+                return model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
+                    min_new_tokens=k, do_sample=False, use_cache=True,
+                    pad_token_id=eos[0] if isinstance(eos, list) else eos,
+                )
+        return run
+
+    gen(4)()  # warm up
+    t1 = _best_of(runs, gen(1))
+    tn = _best_of(runs, gen(n))
+    del model
+    return (n - 1) / (tn - t1)
+
+
+def bench_concurrent(engine: Engine, prompt: list[int], count: int, n: int) -> tuple[float, int]:
+    """Returns (aggregate generated tokens/s, peak RSS KiB) for ``count`` concurrent requests."""
+    p = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    # distinct prompts (no prefix sharing beyond the first block): vary the second token
+    prompts = [[prompt[0], 100 + i, *prompt[2:]] for i in range(count)]
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, p)
+    dt = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    assert tokens == count * n
+    return tokens / dt, _status_kib("VmHWM")
+
+
+def bench_ttft(engine: Engine, length: int, runs: int) -> float:
+    base = _prompt_ids(engine, length)
+    p = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times = []
+    for i in range(runs):
+        prompt = [base[0], 200 + i, *base[2:]]  # a fresh prompt: no prefix cache hit
+        t0 = time.perf_counter()
+        engine.generate([prompt], p)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_DIR)
+    ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+
+    if not (args.model / "model.safetensors").is_file():
+        print(f"creating the small preset in {args.model}", file=sys.stderr)
+        init_model_dir(args.model, "small", seed=0, progress=True)
+    load = open("/proc/loadavg").read().split()[:3]
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"loadavg before {' '.join(load)}")
+
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(args.model, device="cpu", dtype=args.dtype,
+                                    kv_cache_bytes=768 << 20, max_num_seqs=64,
+                                    max_num_batched_tokens=2048)
+    load_s = time.perf_counter() - t0
+    prompt = _prompt_ids(engine, args.prompt_len)
+    engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))  # warm up
+    rows: list[tuple[str, str]] = [("engine load (s)", f"{load_s:.2f}"),
+                                   ("KV pool (MiB, allocated once)",
+                                    f"{engine.kv_cache.nbytes / 2**20:.0f}")]
+
+    rss: dict[int, int] = {}
+    agg: dict[int, float] = {}
+    for count in (1, 16, 64):
+        agg[count], rss[count] = bench_concurrent(engine, prompt, count, args.tokens)
+    ttft = bench_ttft(engine, 512, args.runs)
+    decode = bench_engine_decode(engine, prompt, args.tokens, args.runs)
+
+    rows += [
+        ("engine decode tok/s, batch 1", f"{decode:.1f}"),
+    ]
+    if not args.skip_hf:
+        hf = bench_hf_decode(args.model, prompt, args.tokens, args.runs)
+        rows += [("transformers generate decode tok/s, batch 1", f"{hf:.1f}"),
+                 ("engine / transformers (target >= 2x)", f"{decode / hf:.2f}x")]
+    rows += [
+        ("aggregate tok/s, 1 request", f"{agg[1]:.1f}"),
+        ("aggregate tok/s, 16 concurrent", f"{agg[16]:.1f}"),
+        ("16 vs 1 (target >= 8x)", f"{agg[16] / agg[1]:.2f}x"),
+        ("aggregate tok/s, 64 concurrent", f"{agg[64]:.1f}"),
+        ("time to first token, 512-token prompt (ms)", f"{ttft * 1000:.0f}"),
+        ("peak RSS, 1 request (MiB)", f"{rss[1] / 1024:.0f}"),
+        ("peak RSS, 16 requests (MiB)", f"{rss[16] / 1024:.0f}"),
+        ("peak RSS, 64 requests (MiB)", f"{rss[64] / 1024:.0f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"# model {args.model} dtype {args.dtype}, prompt {args.prompt_len} tokens, "
+          f"{args.tokens} generated per request")
+    print(f"| {'measure'.ljust(width)} | value |")
+    print(f"|{'-' * (width + 2)}|-------|")
+    for k, v in rows:
+        print(f"| {k.ljust(width)} | {v} |")
+    load = open("/proc/loadavg").read().split()[:3]
+    print(f"# loadavg after {' '.join(load)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
