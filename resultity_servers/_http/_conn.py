@@ -236,7 +236,9 @@ class Connection:
                 await self._respond(request)
             except _ClientGone:
                 request.disconnected.set()
-            except _Close:
+            except (_Close, h11.LocalProtocolError):
+                # LocalProtocolError: the handler's headers contradict its body; drop the
+                # connection rather than send something malformed.
                 close = True
             tg.cancel_scope.cancel()
         return close or request.disconnected.is_set()
@@ -263,6 +265,9 @@ class Connection:
             response = await self.server.handler(request)
         except Exception:
             log.exception("handler failed for %s %s", request.method, request.path)
+            response = self.config.error_response(500, "internal server error")
+        if not isinstance(response, Response | StreamingResponse):
+            log.error("handler for %s returned %r, not a response", request.path, response)
             response = self.config.error_response(500, "internal server error")
         if isinstance(response, StreamingResponse):
             await self._send_stream(request, response)
