@@ -105,10 +105,27 @@ class TorchAttentionBackend:
 
     Decode rows (q_len == 1) of a step are handled together: one gather of every sequence's
     blocks, padded to the longest context and masked. Longer queries (prefill chunks) are
-    handled one sequence at a time.
+    handled one sequence at a time. Slots never written must hold finite values (allocate the
+    cache with zeros): masked positions get zero weight, but NaN times zero is still NaN.
     """
 
     name = "torch"
+
+    def __init__(self) -> None:
+        # gathered K/V of decode steps land in reused buffers: fresh multi-megabyte
+        # allocations every layer cost page faults that rival the copy itself
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def _buffer(self, like: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """Return two ``[rows, block numel]`` scratch views for gathered K and V blocks."""
+        width = like[0].numel()
+        key = (like.device, like.dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < 2 * rows * width:
+            buf = torch.empty(2 * rows * width, dtype=like.dtype, device=like.device)
+            self._scratch[key] = buf
+        return buf[: rows * width].view(rows, width), buf[rows * width: 2 * rows * width].view(
+            rows, width)
 
     def forward(  # noqa: PLR0917
         self,
@@ -125,8 +142,8 @@ class TorchAttentionBackend:
         k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
         if meta.max_query_len == 1:
-            return _decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                           meta.max_seq_len, scale)
+            return self._decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                meta.max_seq_len, scale)
         out = torch.empty_like(q)
         q_lens, s_lens = meta.python_lens()
         decode_rows: list[int] = []
@@ -154,9 +171,37 @@ class TorchAttentionBackend:
             rows = torch.tensor(decode_rows, device=q.device)
             tok = starts[rows].long()
             max_len = max(s_lens[i] for i in decode_rows)
-            out[tok] = _decode(q[tok], k_cache, v_cache, meta.block_tables[rows],
-                               meta.seq_lens[rows], max_len, scale)
+            out[tok] = self._decode(q[tok], k_cache, v_cache, meta.block_tables[rows],
+                                    meta.seq_lens[rows], max_len, scale)
         return out
+
+    def _decode(  # noqa: PLR0917
+        self,
+        q: Tensor,  # [B, Hq, D]
+        k_cache: Tensor,
+        v_cache: Tensor,
+        block_tables: Tensor,  # [B, max_blocks]
+        seq_lens: Tensor,  # [B]
+        max_seq_len: int,
+        scale: float,
+    ) -> Tensor:  # [B, Hq, D]
+        b, hq, d = q.shape
+        _, block_size, hkv, _ = k_cache.shape
+        n_blocks = -(-max_seq_len // block_size)
+        table = block_tables[:, :n_blocks].reshape(-1)  # [B * n_blocks]
+        length = n_blocks * block_size
+        # one index_select over whole blocks: contiguous row copies, no per-sequence loop
+        k_rows, v_rows = self._buffer(k_cache, table.shape[0])
+        torch.index_select(k_cache.view(k_cache.shape[0], -1), 0, table, out=k_rows)
+        torch.index_select(v_cache.view(v_cache.shape[0], -1), 0, table, out=v_rows)
+        k = k_rows.view(b, length, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        v = v_rows.view(b, length, hkv, d).transpose(1, 2)
+        # padded slots (tails of last blocks, table padding) hold finite stale values: masked
+        mask = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
+        qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]: the G query heads of a KV head
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :],
+                                           scale=scale)
+        return o.reshape(b, hq, d)
 
 
 def _prefill(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -171,27 +216,3 @@ def _prefill(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float)
     )  # [Hq, T, D]
     return o.transpose(0, 1)
 
-
-def _decode(  # noqa: PLR0917
-    q: Tensor,  # [B, Hq, D]
-    k_cache: Tensor,
-    v_cache: Tensor,
-    block_tables: Tensor,  # [B, max_blocks]
-    seq_lens: Tensor,  # [B]
-    max_seq_len: int,
-    scale: float,
-) -> Tensor:  # [B, Hq, D]
-    b, hq, d = q.shape
-    _, block_size, hkv, _ = k_cache.shape
-    n_blocks = -(-max_seq_len // block_size)
-    table = block_tables[:, :n_blocks].reshape(-1)  # [B * n_blocks]
-    length = n_blocks * block_size
-    # index_select over whole blocks copies contiguous rows: faster than advanced indexing
-    k = k_cache.view(k_cache.shape[0], -1).index_select(0, table)
-    v = v_cache.view(v_cache.shape[0], -1).index_select(0, table)
-    k = k.view(b, length, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v.view(b, length, hkv, d).transpose(1, 2)
-    mask = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
-    qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]: the G query heads of a KV head
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
-    return o.reshape(b, hq, d)

@@ -49,13 +49,26 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "gqa4-headdim": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16},
     "llama3-rope": {
         "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     },
-    "qwen2-bias": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-                   "rope_theta": 1000000.0, "eos_token_id": [2, 3]},
-    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
-                "sliding_window": None, "num_key_value_heads": 1},
+    "qwen2-bias": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "rope_theta": 1000000.0,
+        "eos_token_id": [2, 3],
+    },
+    "mistral": {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "sliding_window": None,
+        "num_key_value_heads": 1,
+    },
     "llama-attn-bias": {"attention_bias": True},
 }
 
@@ -89,10 +102,15 @@ class PagedRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int = 48) -> None:
         cfg = model.config
         self.model = model
+        weight = model.embed_tokens.weight
+        self.device = weight.device
         gen = torch.Generator().manual_seed(123)
         shape = (num_blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv = [(torch.randn(shape, generator=gen) * 50, torch.randn(shape, generator=gen) * 50)
-                   for _ in range(cfg.num_hidden_layers)]
+
+        def garbage() -> torch.Tensor:
+            return (torch.randn(shape, generator=gen) * 50).to(self.device, weight.dtype)
+
+        self.kv = [(garbage(), garbage()) for _ in range(cfg.num_hidden_layers)]
         self.free = list(range(num_blocks))
         random.Random(7).shuffle(self.free)
         self.tables: dict[int, list[int]] = {}
@@ -114,10 +132,12 @@ class PagedRunner:
             tables.append(table)
             ids += toks
             pos += range(ctx, total)
-        meta = build_metadata(q_lens, s_lens, tables, BLOCK)
+        meta = build_metadata(q_lens, s_lens, tables, BLOCK, device=self.device)
         with torch.inference_mode():
-            hidden = self.model(torch.tensor(ids), torch.tensor(pos), self.kv, meta, self.backend)
-            logits = self.model.compute_logits(hidden)
+            hidden = self.model(torch.tensor(ids, device=self.device),
+                                torch.tensor(pos, device=self.device), self.kv, meta,
+                                self.backend)
+            logits = self.model.compute_logits(hidden).cpu()
         return list(logits.split(q_lens))
 
 
@@ -125,8 +145,9 @@ def _load_pair(path: Path) -> tuple[LlamaForCausalLM, Any]:
     config = load_config(path)
     ours = load_weights(path, config)
     hf_cls = getattr(transformers, config.architecture)
-    hf, info = hf_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
-                                      output_loading_info=True)
+    hf, info = hf_cls.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
     assert not info["missing_keys"], info
     assert not info["unexpected_keys"], info
     return ours, hf.eval()
@@ -194,8 +215,13 @@ def test_greedy_tokens_match_transformers_generate(tmp_path: Path) -> None:
     ours, hf = _load_pair(write_model_dir(tmp_path / "m", CONFIGS["gqa4-headdim"], seed=3))
     prompt = _prompts(ours.config.vocab_size, [21])[0]
     with torch.inference_mode():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     runner = PagedRunner(ours)
     tokens = [int(runner.step([(0, prompt)])[0][-1].argmax())]
     while len(tokens) < 24:
@@ -218,8 +244,26 @@ def test_bfloat16_close_to_float32(tiny_model_dir: Path) -> None:
     assert b16.embed_tokens.weight.dtype == torch.bfloat16
     prompt = _prompts(config.vocab_size, [30])[0]
     a = PagedRunner(f32).step([(0, prompt)])[0]
-    runner = PagedRunner(b16)
-    runner.kv = [(k.bfloat16(), v.bfloat16()) for k, v in runner.kv]
-    b = runner.step([(0, prompt)])[0]
+    b = PagedRunner(b16).step([(0, prompt)])[0]
     assert b.dtype == torch.float32  # compute_logits always returns float32
     assert (a - b).abs().max().item() < 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_close_to_cpu_float32(tiny_model_dir: Path,
+                                                  dtype: torch.dtype) -> None:
+    config = load_config(tiny_model_dir)
+    ref_model = load_weights(tiny_model_dir, config)
+    cuda_model = load_weights(tiny_model_dir, config, device="cuda", dtype=dtype)
+    assert cuda_model.embed_tokens.weight.device.type == "cuda"
+    prompts = _prompts(config.vocab_size, [37, 3])
+    ref = PagedRunner(ref_model).step(list(enumerate(prompts)))
+    runner = PagedRunner(cuda_model)
+    got = runner.step([(0, prompts[0]), (1, prompts[1])])
+    decode = runner.step([(0, [5]), (1, [6])])
+    for a, b in zip(ref, got, strict=True):
+        assert b.dtype == torch.float32
+        assert (a - b).abs().max().item() < 0.1
+    assert all(torch.isfinite(t).all() for t in decode)
