@@ -75,7 +75,8 @@ def _err(field: str, reason: str) -> ModelLoadError:
 
 
 def _int(raw: Mapping[str, Any], name: str, default: int | None = None, minimum: int = 1) -> int:
-    value = raw.get(name, default)
+    value = raw.get(name)
+    value = default if value is None else value  # configs write null for "use the default"
     if value is None:
         raise _err(name, "missing")
     if isinstance(value, bool) or not isinstance(value, int):
@@ -86,7 +87,8 @@ def _int(raw: Mapping[str, Any], name: str, default: int | None = None, minimum:
 
 
 def _float(raw: Mapping[str, Any], name: str, default: float | None = None) -> float:
-    value = raw.get(name, default)
+    value = raw.get(name)
+    value = default if value is None else value
     if value is None:
         raise _err(name, "missing")
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -97,7 +99,8 @@ def _float(raw: Mapping[str, Any], name: str, default: float | None = None) -> f
 
 
 def _bool(raw: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = raw.get(name, default)
+    value = raw.get(name)
+    value = default if value is None else value
     if not isinstance(value, bool):
         raise _err(name, f"must be true or false, got {value!r}")
     return value
@@ -195,7 +198,7 @@ def parse_config(raw: Any) -> ModelConfig:
     if head_dim % 2:
         raise _err("head_dim", f"must be even for RoPE, got {head_dim}")
     theta, scaling = _rope(raw)
-    dtype = raw.get("torch_dtype", raw.get("dtype", "float32"))
+    dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
     if dtype not in _DTYPES:
         raise _err("torch_dtype", f"unsupported dtype {dtype!r} (supported: {', '.join(_DTYPES)})")
     sliding = raw.get("sliding_window")

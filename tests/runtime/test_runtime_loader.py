@@ -155,6 +155,10 @@ def test_config_spellings() -> None:
             "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
     cfg = parse_config(base)
     assert (cfg.num_key_value_heads, cfg.head_dim, cfg.rope_theta) == (2, 4, 10000.0)
+    nulls = parse_config({**base, "head_dim": None, "num_key_value_heads": None,
+                          "rope_scaling": None, "torch_dtype": None, "bos_token_id": None})
+    assert (nulls.head_dim, nulls.num_key_value_heads, nulls.torch_dtype) == (4, 2, "float32")
+    assert nulls.rope_scaling is None
     assert cfg.eos_token_ids == ()
     assert parse_config({**base, "eos_token_id": 3}).eos_token_ids == (3,)
     assert parse_config({**base, "eos_token_id": [3, 5]}).eos_token_ids == (3, 5)
