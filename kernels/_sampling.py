@@ -60,7 +60,7 @@ def _sample_kernel(
     temp = tl.load(temp_ptr + row)
     thr = mx
     if temp > 0.0:
-        c = _LOG2E / temp  # weights exp2((x - mx) * c) are probabilities up to 1 / Z
+        c = 1.4426950408889634 / temp  # exp2((x - mx) * c) is a probability times Z
         thr = mn
         top_k = tl.load(top_k_ptr + row)
         if (top_k > 0) & (top_k < vocab) & (cnt_max < top_k):
