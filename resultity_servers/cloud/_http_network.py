@@ -1,0 +1,290 @@
+"""``HTTPNetworkClient``: the ``NetworkClient`` over the Network's internal Cloud routes.
+
+Every request carries ``Authorization: Bearer <service token>``. Routes (``ROUTES``):
+
+- ``POST /network/v1/auth`` ``{"api_key"}`` -> ``{"account_id", "name"?}``; 401/404: unknown
+- ``GET /network/v1/models`` -> ``{"data": [{"id", "price": {"prompt_per_1k",
+  "completion_per_1k"}, "max_model_len", "created"?, "owned_by"?, "nodes"?}]}``
+- ``GET /network/v1/status`` -> ``{"nodes_live", "nodes_ready", "queue_depth"?,
+  "jobs_in_flight"?}``
+- ``POST /network/v1/jobs`` ``{"account_id", "kind", "model", "request", "reserve",
+  "choices"}`` -> ``{"job_id"}``; errors as OpenAI error bodies with their status
+- ``GET /network/v1/jobs/{job_id}/events`` -> SSE, one core ``JobEvent`` payload per event
+- ``POST /network/v1/jobs/{job_id}/cancel``
+
+Failures to reach the Network become ``NoCapacityError`` (503): the user can retry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from resultity_core import (
+    ERROR_KINDS,
+    InsufficientQuotaError,
+    InternalServerError,
+    InvalidRequestError,
+    JobUsage,
+    ModelNotFoundError,
+    NoCapacityError,
+    OpenAIRequestError,
+    Price,
+    RateLimitedError,
+    RequestTooLargeError,
+    WireMessageError,
+    no_capacity,
+)
+from resultity_core import JobEvent as WireJobEvent
+from resultity_servers._http import ClientResponse, HTTPClient, HTTPClientError
+
+from ._network import (
+    Account,
+    DoneEvent,
+    ErrorEvent,
+    JobEvent,
+    JobHandle,
+    JobSubmission,
+    ModelInfo,
+    NetworkStatus,
+    TokenEvent,
+    TokenLogprob,
+)
+
+__all__ = ["ROUTES", "HTTPNetworkClient", "error_from_response", "event_from_payload"]
+
+ROUTES: Mapping[str, str] = {
+    "auth": "/network/v1/auth",
+    "models": "/network/v1/models",
+    "status": "/network/v1/status",
+    "submit": "/network/v1/jobs",
+    "events": "/network/v1/jobs/{job_id}/events",
+    "cancel": "/network/v1/jobs/{job_id}/cancel",
+}
+
+_BY_STATUS: Mapping[int, type[OpenAIRequestError]] = {
+    400: InvalidRequestError,
+    402: InsufficientQuotaError,
+    404: ModelNotFoundError,
+    413: RequestTooLargeError,
+    429: RateLimitedError,
+    503: NoCapacityError,
+}
+
+
+def _unavailable(detail: str) -> NoCapacityError:
+    error = no_capacity()
+    error.message = f"The network is unavailable right now; retry later. ({detail})"
+    return error
+
+
+def error_from_response(status: int, body: bytes) -> OpenAIRequestError:
+    """Return the user-facing error for a Network error response.
+
+    Statuses a user may see (400, 402, 404, 413, 429, 503) keep the Network's message,
+    param and code; anything else (401 for a wrong service token, 5xx) is the Cloud's
+    problem and becomes a 503.
+    """
+    cls = _BY_STATUS.get(status)
+    detail: dict[str, Any] = {}
+    try:
+        parsed = json.loads(body.decode("utf-8"))
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            detail = parsed["error"]
+    except (UnicodeDecodeError, ValueError):
+        pass
+    if cls is None:
+        return _unavailable(f"network answered HTTP {status}")
+    code = detail.get("code")
+    if isinstance(code, str) and code in ERROR_KINDS and ERROR_KINDS[code].status == status:
+        cls = ERROR_KINDS[code]
+    message = detail.get("message")
+    param = detail.get("param")
+    return cls(
+        message if isinstance(message, str) else None,
+        param=param if isinstance(param, str) else None,
+        code=code if isinstance(code, str) else None,
+        status=status,
+    )
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool):
+        raise WireMessageError("logprobs", "a logprob must be a number or decimal string")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Decimal(value))
+        except InvalidOperation:
+            pass
+    raise WireMessageError("logprobs", f"bad logprob {value!r}")
+
+
+def _logprob(item: Mapping[str, Any]) -> TokenLogprob:
+    token = item.get("token")
+    if not isinstance(token, str):
+        raise WireMessageError("logprobs.token", "must be a string")
+    raw_bytes = item.get("bytes")
+    top = item.get("top_logprobs") or []
+    return TokenLogprob(
+        token=token,
+        logprob=_number(item.get("logprob")),
+        bytes=tuple(int(b) for b in raw_bytes) if isinstance(raw_bytes, list) else None,
+        top=tuple((str(t.get("token", "")), _number(t.get("logprob"))) for t in top),
+    )
+
+
+def event_from_payload(payload: Mapping[str, Any]) -> JobEvent:
+    """Return the Cloud event of a core ``JobEvent`` payload.
+
+    Token logprobs are ``{"token", "logprob", "bytes"?, "top_logprobs"?: [{"token",
+    "logprob"}]}`` with logprobs as decimal strings (no floats on the wire). Raises
+    ``WireMessageError`` for a malformed payload.
+    """
+    wire = WireJobEvent.from_payload(payload)
+    if wire.kind == "token":
+        logprobs = tuple(_logprob(x) for x in wire.logprobs) if wire.logprobs else None
+        return TokenEvent(wire.index, wire.text, max(len(wire.token_ids), 1), logprobs)
+    if wire.kind == "done":
+        usage = wire.usage or JobUsage(0, 0)
+        return DoneEvent(
+            wire.index,
+            wire.finish_reason or "stop",
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+    return ErrorEvent(InternalServerError(f"The job failed: {wire.error}"))
+
+
+class HTTPNetworkClient:
+    """Talk to the Network at ``base_url`` with the shared ``service_token``."""
+
+    def __init__(self, base_url: str, service_token: str, *, timeout_s: float = 30.0) -> None:
+        self.http = HTTPClient(
+            base_url,
+            headers={"authorization": f"Bearer {service_token}"},
+            timeout_s=timeout_s,
+        )
+
+    async def _call(self, method: str, path: str, payload: Any = None) -> ClientResponse:
+        try:
+            if payload is None:
+                return await self.http.request(method, path)
+            return await self.http.request(method, path, json=payload)
+        except HTTPClientError as exc:
+            raise _unavailable(str(exc)) from exc
+
+    @staticmethod
+    def _json(response: ClientResponse) -> Any:
+        if not 200 <= response.status < 300:
+            raise error_from_response(response.status, response.body)
+        try:
+            return response.json()
+        except ValueError:
+            raise _unavailable("network sent invalid JSON") from None
+
+    async def authenticate(self, api_key: str) -> Account | None:
+        """Return the key's account, None for an unknown key."""
+        response = await self._call("POST", ROUTES["auth"], {"api_key": api_key})
+        if response.status in (401, 403, 404):
+            return None
+        body = self._json(response)
+        try:
+            return Account(str(body["account_id"]), str(body.get("name") or ""))
+        except (KeyError, TypeError):
+            raise _unavailable("network sent a malformed account") from None
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Return the Network's models."""
+        body = self._json(await self._call("GET", ROUTES["models"]))
+        try:
+            return [
+                ModelInfo(
+                    id=str(m["id"]),
+                    price=Price(
+                        int(m["price"]["prompt_per_1k"]), int(m["price"]["completion_per_1k"])
+                    ),
+                    max_model_len=int(m["max_model_len"]),
+                    created=int(m.get("created", 0)),
+                    owned_by=str(m.get("owned_by", "resultity")),
+                    nodes=int(m.get("nodes", 0)),
+                )
+                for m in body["data"]
+            ]
+        except (KeyError, TypeError, ValueError):
+            raise _unavailable("network sent a malformed model list") from None
+
+    async def status(self) -> NetworkStatus:
+        """Return node counts and queue depth."""
+        body = self._json(await self._call("GET", ROUTES["status"]))
+        try:
+            return NetworkStatus(
+                int(body["nodes_live"]),
+                int(body["nodes_ready"]),
+                int(body.get("queue_depth", 0)),
+                int(body.get("jobs_in_flight", 0)),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise _unavailable("network sent a malformed status") from None
+
+    async def submit(self, account: Account, job: JobSubmission) -> JobHandle:
+        """Queue the job; raises the Network's 400/402/404/503 as OpenAI errors."""
+        payload = {
+            "account_id": account.account_id,
+            "kind": job.kind,
+            "model": job.model,
+            "request": job.request,
+            "reserve": job.reserve,
+            "choices": job.choices,
+        }
+        body = self._json(await self._call("POST", ROUTES["submit"], payload))
+        job_id = body.get("job_id") if isinstance(body, dict) else None
+        if not isinstance(job_id, str) or not job_id:
+            raise _unavailable("network sent no job id")
+        return JobHandle(job_id, job.model)
+
+    async def events(self, job: JobHandle) -> AsyncIterator[JobEvent]:
+        """Yield the job's events from the Network's SSE stream (closing it closes the stream)."""
+        path = ROUTES["events"].format(job_id=job.job_id)
+        try:
+            async with self.http.stream("GET", path, timeout_s=None) as response:
+                if response.status != 200:
+                    raise error_from_response(response.status, await response.aread())
+                async for sse in response.aiter_sse():
+                    if sse.data == "[DONE]":
+                        return
+                    try:
+                        payload = sse.json()
+                    except ValueError:
+                        raise _unavailable("network sent a malformed event") from None
+                    if sse.event == "error" or ("error" in payload and "_type" not in payload):
+                        detail = payload.get("error")
+                        yield ErrorEvent(
+                            error_from_response(503, json.dumps({"error": detail}).encode())
+                            if isinstance(detail, dict)
+                            else InternalServerError(f"The job failed: {detail}")
+                        )
+                        return
+                    try:
+                        event = event_from_payload(payload)
+                    except WireMessageError as exc:
+                        raise _unavailable(f"network sent a bad event: {exc}") from None
+                    yield event
+                    if isinstance(event, ErrorEvent):
+                        return
+        except HTTPClientError as exc:
+            raise _unavailable(str(exc)) from exc
+
+    async def cancel(self, job: JobHandle) -> None:
+        """Ask the Network to abort the job (a 404 for a finished job is fine)."""
+        path = ROUTES["cancel"].format(job_id=job.job_id)
+        response = await self._call("POST", path, {})
+        if response.status >= 500:
+            raise error_from_response(response.status, response.body)
+
+    async def aclose(self) -> None:
+        """Close pooled connections."""
+        await self.http.aclose()
