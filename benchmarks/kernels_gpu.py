@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("kernels_gpu: no CUDA device; nothing to measure (run on a GPU machine)")
         return 0
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, without a warning
     try:
         import triton
     except ImportError:

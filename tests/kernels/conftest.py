@@ -14,6 +14,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
+# triton 3.9 warns on every compile while this is unset, and warnings are errors here;
+# "1" keeps today's default (FP fusion on)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 try:
     import triton  # noqa: F401
