@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
@@ -249,13 +250,16 @@ def init_model_dir(
     if progress:
         n = sum(int(torch.Size(s).numel()) for s in shapes.values())
         _progress(f"generating {n / 1e6:.1f}M random parameters (seed {seed})")
-    gen = torch.Generator().manual_seed(seed)
+    # numpy's PCG64 stream and ziggurat normal are the same on every platform; torch's CPU
+    # randn takes a vectorised path whose last bits differ between CPU types
+    rng = np.random.Generator(np.random.PCG64(seed))
     tensors: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
             tensors[name] = torch.ones(shape)
         else:
-            tensors[name] = torch.randn(shape, generator=gen) * 0.02
+            values = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+            tensors[name] = torch.from_numpy(values)
     if progress:
         _progress("writing model.safetensors")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
