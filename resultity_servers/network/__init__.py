@@ -1,0 +1,78 @@
+"""resultity_servers.network: the Network coordinator, its stores and its HTTP app.
+
+``Coordinator`` is sans-IO (the caller passes ``now``) over a ``Store`` (``MemoryStore`` or
+the durable ``SQLiteStore``). The HTTP app and ``serve_network`` drive it with anyio.
+"""
+
+from __future__ import annotations
+
+from ._coordinator import (
+    AccountBalance,
+    Coordinator,
+    HeartbeatReply,
+    ModelInfo,
+    NodeSession,
+    hash_secret,
+)
+from ._errors import (
+    AdmissionError,
+    JobStateError,
+    NetworkError,
+    NodeAuthError,
+    ReceiptConflictError,
+    ReceiptError,
+    UnknownJobError,
+    UnknownNodeError,
+)
+from ._jobs import JobEventsView, ReceiptOutcome, n_choices
+from ._memory import MemoryStore
+from ._money import job_cost
+from ._records import (
+    AccountRecord,
+    ApiKeyRecord,
+    GrantRecord,
+    JobRecord,
+    LedgerEntry,
+    NodeRecord,
+    ReceiptRecord,
+    SnapshotRecord,
+)
+from ._settings import CoordinatorSettings
+from ._sqlite import SCHEMA_VERSION, SQLiteStore
+from ._store import ACTIVE_JOB_STATES, Store, StoreTx
+
+__all__ = [
+    "ACTIVE_JOB_STATES",
+    "SCHEMA_VERSION",
+    "AccountBalance",
+    "AccountRecord",
+    "AdmissionError",
+    "ApiKeyRecord",
+    "Coordinator",
+    "CoordinatorSettings",
+    "GrantRecord",
+    "HeartbeatReply",
+    "JobEventsView",
+    "JobRecord",
+    "JobStateError",
+    "LedgerEntry",
+    "MemoryStore",
+    "ModelInfo",
+    "NetworkError",
+    "NodeAuthError",
+    "NodeRecord",
+    "NodeSession",
+    "ReceiptConflictError",
+    "ReceiptError",
+    "ReceiptOutcome",
+    "ReceiptRecord",
+    "SQLiteStore",
+    "SnapshotRecord",
+    "Store",
+    "StoreTx",
+    "UnknownJobError",
+    "UnknownNodeError",
+    "hash_secret",
+    "job_cost",
+    "n_choices",
+]
