@@ -13,7 +13,7 @@ from ._app import CloudApp
 from ._auth import AuthCache, bearer_token
 from ._fake import FakeJob, FakeNetwork, default_reply
 from ._http_network import ROUTES, HTTPNetworkClient, error_from_response, event_from_payload
-from ._jobs import reservation
+from ._jobs import Estimate, reservation
 from ._metrics import CloudMetrics
 from ._network import (
     Account,
@@ -39,6 +39,7 @@ __all__ = [
     "CloudSettings",
     "DoneEvent",
     "ErrorEvent",
+    "Estimate",
     "FakeJob",
     "FakeNetwork",
     "HTTPNetworkClient",

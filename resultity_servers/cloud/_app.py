@@ -235,8 +235,16 @@ class CloudApp:
     ) -> Reply:
         started = time.perf_counter()
         model = await self._find_model(parsed.model)
-        reserve, _ = reservation(parsed, model)
-        job = JobSubmission(kind, model.id, request_to_dict(parsed), reserve, shape.choices)
+        worst = reservation(parsed, model)
+        job = JobSubmission(
+            kind,
+            model.id,
+            request_to_dict(parsed),
+            worst.cost,
+            shape.choices,
+            prompt_tokens_estimate=worst.prompt_tokens,
+            max_tokens=worst.completion_tokens,
+        )
         handle = await self.network.submit(account, job)
         run = JobRun(self.network, handle, self.metrics, _route_label(request.path), started)
         if parsed.stream:

@@ -3,12 +3,14 @@
 Every request carries ``Authorization: Bearer <service token>``. Routes (``ROUTES``):
 
 - ``POST /network/v1/auth`` ``{"api_key"}`` -> ``{"account_id", "name"?}``; 401/404: unknown
-- ``GET /network/v1/models`` -> ``{"data": [{"id", "price": {"prompt_per_1k",
-  "completion_per_1k"}, "max_model_len", "created"?, "owned_by"?, "nodes"?}]}``
+- ``GET /network/v1/models`` -> ``{"data": [{"id" (or "name"), "price": {"prompt_per_1k",
+  "completion_per_1k"}, "max_model_len"?, "created"?, "owned_by"?, "nodes" (or
+  "ready_nodes")?}]}``
 - ``GET /network/v1/status`` -> ``{"nodes_live", "nodes_ready", "queue_depth"?,
   "jobs_in_flight"?}``
 - ``POST /network/v1/jobs`` ``{"account_id", "kind", "model", "request", "reserve",
-  "choices"}`` -> ``{"job_id"}``; errors as OpenAI error bodies with their status
+  "choices", "prompt_tokens_estimate", "max_tokens"}`` -> ``{"job_id"}``; errors as OpenAI
+  error bodies with their status
 - ``GET /network/v1/jobs/{job_id}/events`` -> SSE, one core ``JobEvent`` payload per event
 - ``POST /network/v1/jobs/{job_id}/cancel``
 
@@ -63,6 +65,9 @@ ROUTES: Mapping[str, str] = {
     "events": "/network/v1/jobs/{job_id}/events",
     "cancel": "/network/v1/jobs/{job_id}/cancel",
 }
+
+DEFAULT_CONTEXT = 4096
+"""Context length assumed for a model the Network lists without one."""
 
 _BY_STATUS: Mapping[int, type[OpenAIRequestError]] = {
     400: InvalidRequestError,
@@ -147,7 +152,7 @@ def event_from_payload(payload: Mapping[str, Any]) -> JobEvent:
     wire = WireJobEvent.from_payload(payload)
     if wire.kind == "token":
         logprobs = tuple(_logprob(x) for x in wire.logprobs) if wire.logprobs else None
-        return TokenEvent(wire.index, wire.text, max(len(wire.token_ids), 1), logprobs)
+        return TokenEvent(wire.index, wire.text, len(wire.token_ids), logprobs)
     if wire.kind == "done":
         usage = wire.usage or JobUsage(0, 0)
         return DoneEvent(
@@ -157,6 +162,19 @@ def event_from_payload(payload: Mapping[str, Any]) -> JobEvent:
             usage.completion_tokens,
         )
     return ErrorEvent(InternalServerError(f"The job failed: {wire.error}"))
+
+
+def _model_info(m: Mapping[str, Any]) -> ModelInfo:
+    price = m["price"]
+    context = m.get("max_model_len", m.get("context_length", DEFAULT_CONTEXT))
+    return ModelInfo(
+        id=str(m.get("id", m.get("name"))),
+        price=Price(int(price["prompt_per_1k"]), int(price["completion_per_1k"])),
+        max_model_len=int(context),
+        created=int(m.get("created", 0)),
+        owned_by=str(m.get("owned_by", "resultity")),
+        nodes=int(m.get("nodes", m.get("ready_nodes", 0))),
+    )
 
 
 class HTTPNetworkClient:
@@ -201,19 +219,7 @@ class HTTPNetworkClient:
         """Return the Network's models."""
         body = self._json(await self._call("GET", ROUTES["models"]))
         try:
-            return [
-                ModelInfo(
-                    id=str(m["id"]),
-                    price=Price(
-                        int(m["price"]["prompt_per_1k"]), int(m["price"]["completion_per_1k"])
-                    ),
-                    max_model_len=int(m["max_model_len"]),
-                    created=int(m.get("created", 0)),
-                    owned_by=str(m.get("owned_by", "resultity")),
-                    nodes=int(m.get("nodes", 0)),
-                )
-                for m in body["data"]
-            ]
+            return [_model_info(m) for m in body["data"]]
         except (KeyError, TypeError, ValueError):
             raise _unavailable("network sent a malformed model list") from None
 
@@ -239,6 +245,8 @@ class HTTPNetworkClient:
             "request": job.request,
             "reserve": job.reserve,
             "choices": job.choices,
+            "prompt_tokens_estimate": job.prompt_tokens_estimate,
+            "max_tokens": job.max_tokens,
         }
         body = self._json(await self._call("POST", ROUTES["submit"], payload))
         job_id = body.get("job_id") if isinstance(body, dict) else None

@@ -8,11 +8,11 @@ already finished, which every response path calls in a ``finally``.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import AsyncIterator
 
 import anyio
+import attrs
 
 from resultity_core import (
     ChatCompletionRequest,
@@ -35,7 +35,7 @@ from ._network import (
     TokenEvent,
 )
 
-__all__ = ["JobRun", "prompt_bytes", "reservation"]
+__all__ = ["Estimate", "JobRun", "prompt_bytes", "reservation"]
 
 # Tokens a chat template may add per message and per request (role markers, BOS, the
 # assistant header): generous, since an underestimate would let a job overspend.
@@ -52,10 +52,17 @@ def prompt_bytes(request: ChatCompletionRequest | CompletionRequest) -> list[int
     return [len(p.encode()) for p in request.prompt]
 
 
-def reservation(
-    request: ChatCompletionRequest | CompletionRequest, model: ModelInfo
-) -> tuple[int, int]:
-    """Return ``(micro-credits, completion tokens per choice)`` of the request's worst case.
+@attrs.frozen
+class Estimate:
+    """The worst case of a request: prompt tokens, completion tokens (all choices), cost."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+
+
+def reservation(request: ChatCompletionRequest | CompletionRequest, model: ModelInfo) -> Estimate:
+    """Return the request's worst case at ``model``'s price (cost in micro-credits).
 
     A prompt never has more tokens than UTF-8 bytes plus template overhead (byte-fallback
     tokenizers), and no sequence exceeds the model's context. Raises ``InvalidRequestError``
@@ -73,15 +80,11 @@ def reservation(
             param=param,
             code="context_length_exceeded",
         )
-    completion = max_tokens if max_tokens is not None else ctx - 1
+    per_choice = max_tokens if max_tokens is not None else ctx - 1
     prompts = [min(size + _PER_REQUEST, ctx) for size in prompt_bytes(request)]
-    n_prompts = len(prompts)
-    choices = request.n * n_prompts
-    cost = (
-        sum(prompts) * model.price.prompt_per_1k
-        + choices * completion * model.price.completion_per_1k
-    )
-    return math.ceil(cost / 1000), completion
+    completion = request.n * len(prompts) * per_choice
+    milli = sum(prompts) * model.price.prompt_per_1k + completion * model.price.completion_per_1k
+    return Estimate(sum(prompts), completion, -(-milli // 1000))
 
 
 class JobRun:

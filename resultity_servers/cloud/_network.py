@@ -68,10 +68,11 @@ class NetworkStatus:
 class JobSubmission:
     """One job for the Network: ``kind`` is ``chat`` or ``completion``.
 
-    ``request`` is the JSON form of the parsed OpenAI request (``request_to_dict``),
-    ``reserve`` the worst-case cost in micro-credits held from the account until the node's
-    receipt settles it, ``choices`` the number of choices the job produces (``n`` times the
-    number of prompts).
+    ``request`` is the JSON form of the parsed OpenAI request (``request_to_dict``);
+    ``choices`` the number of choices it produces (``n`` times the number of prompts).
+    The worst case the Network reserves credits for: ``prompt_tokens_estimate`` (never below
+    the real prompt) and ``max_tokens`` (completion tokens over all choices); ``reserve`` is
+    their cost at the model's price in micro-credits, held until the node's receipt settles it.
     """
 
     kind: str
@@ -79,6 +80,8 @@ class JobSubmission:
     request: dict[str, object]
     reserve: int
     choices: int
+    prompt_tokens_estimate: int = 0
+    max_tokens: int = 0
 
 
 @attrs.frozen

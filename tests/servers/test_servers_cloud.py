@@ -247,6 +247,8 @@ async def test_reservation_is_the_worst_case_and_poor_accounts_get_402() -> None
         assert r.status == 200
         (job,) = net.jobs.values()
         assert job.submission.reserve == 40
+        assert job.submission.prompt_tokens_estimate == 32
+        assert job.submission.max_tokens == 4
         assert job.charged <= job.submission.reserve
 
 
