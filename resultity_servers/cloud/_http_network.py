@@ -2,7 +2,8 @@
 
 Every request carries ``Authorization: Bearer <service token>``. Routes (``ROUTES``):
 
-- ``POST /network/v1/auth`` ``{"api_key"}`` -> ``{"account_id", "name"?}``; 401/404: unknown
+- ``POST /network/v1/auth`` ``{"api_key"}`` -> ``{"account_id", "name"?}``; an unknown key
+  is a 401 whose error code is ``invalid_api_key`` (any other 401/403: bad service token)
 - ``GET /network/v1/models`` -> ``{"data": [{"id" (or "name"), "price": {"prompt_per_1k",
   "completion_per_1k"}, "max_model_len"?, "created"?, "owned_by"?, "nodes" (or
   "ready_nodes")?}]}``
@@ -115,6 +116,16 @@ def error_from_response(status: int, body: bytes) -> OpenAIRequestError:
     )
 
 
+def _error_code(body: bytes) -> str | None:
+    try:
+        parsed = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
 def _number(value: object) -> float:
     if isinstance(value, bool):
         raise WireMessageError("logprobs", "a logprob must be a number or decimal string")
@@ -207,9 +218,15 @@ class HTTPNetworkClient:
     async def authenticate(self, api_key: str) -> Account | None:
         """Return the key's account, None for an unknown key."""
         response = await self._call("POST", ROUTES["auth"], {"api_key": api_key})
-        if response.status in (401, 403, 404):
-            return None
+        if response.status in (401, 403):
+            # The same statuses answer a wrong service token: only the error code tells
+            # "unknown API key" apart from "this Cloud is not allowed in".
+            if _error_code(response.body) == "invalid_api_key":
+                return None
+            raise _unavailable(f"the network refused this cloud (HTTP {response.status})")
         body = self._json(response)
+        if isinstance(body, dict) and body.get("account_id") is None:
+            return None
         try:
             return Account(str(body["account_id"]), str(body.get("name") or ""))
         except (KeyError, TypeError):
