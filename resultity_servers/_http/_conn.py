@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator
 from email.utils import formatdate
@@ -12,7 +13,6 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.abc
-import attrs
 import h11
 
 from ._types import HeaderList, Request, Response, StreamingResponse
@@ -77,6 +77,14 @@ class Connection:
         self.scope = anyio.CancelScope()
         self.idle = False
         self.linger = False
+        self._data_ready = anyio.Event()
+        self._space = anyio.Event()
+        self._buffered = 0
+        self._eof = False
+        self._timed_out = False
+        self._read_scope = anyio.CancelScope()
+        self._active: Request | None = None
+        self._active_scope: anyio.CancelScope | None = None
         try:
             address = stream.extra(anyio.abc.SocketAttribute.remote_address)
             self.client = (str(address[0]), int(address[1])) if isinstance(address, tuple) else None
@@ -91,12 +99,16 @@ class Connection:
     async def run(self) -> None:
         """Serve until the connection must end; never raises for peer misbehaviour."""
         try:
-            with self.scope:
-                first = True
-                while await self._serve_one(first):
-                    first = False
-        except (_ClientGone, _Close):
-            pass
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._reader)
+                with self.scope:
+                    try:
+                        first = True
+                        while await self._serve_one(first):
+                            first = False
+                    except (_ClientGone, _Close):
+                        pass
+                tg.cancel_scope.cancel()
         finally:
             if self.linger:
                 await close_gracefully(self.stream)
@@ -105,14 +117,55 @@ class Connection:
                     await self.stream.aclose()
 
     # --- receiving ---------------------------------------------------------------------------
+    #
+    # One reader task per connection owns the socket's receiving side: it feeds h11 and wakes
+    # the serving loop. Because it keeps reading while a handler runs, a client that goes away
+    # is noticed at once (the handler is cancelled) without a task per request.
 
-    async def _receive(self) -> bytes:
-        try:
-            return await self.stream.receive(_READ_SIZE)
-        except anyio.EndOfStream:
-            return b""
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            raise _ClientGone from exc
+    async def _reader(self) -> None:
+        # Read timeouts live here, on one long-lived scope whose deadline the serving loop
+        # moves (``_set_read_deadline``): cheaper than a timer scope around every wait.
+        with self._read_scope:
+            while True:
+                if self._buffered > _MAX_PIPELINED:
+                    # The serving loop is busy and the client keeps sending: stop reading.
+                    self._space = anyio.Event()
+                    await self._space.wait()
+                    continue
+                try:
+                    data = await self.stream.receive(_READ_SIZE)
+                except (
+                    anyio.EndOfStream,
+                    anyio.BrokenResourceError,
+                    anyio.ClosedResourceError,
+                    OSError,
+                ):
+                    data = b""
+                self._buffered += len(data)
+                self.h11.receive_data(data)
+                self._data_ready.set()
+                if not data:
+                    self._eof = True
+                    if self._active is not None and self._active_scope is not None:
+                        self._active.disconnected.set()
+                        self._active_scope.cancel()
+                    return
+        self._timed_out = True
+        self._data_ready.set()
+
+    def _set_read_deadline(self, deadline: float) -> None:
+        if not self._timed_out:
+            self._read_scope.deadline = deadline
+
+    async def _wait_for_data(self) -> bool:
+        """Wait until the reader fed h11 more bytes (or EOF); False once the read timed out."""
+        if self._eof or self._timed_out:
+            return not self._timed_out  # on EOF h11 already knows; next_event reports it
+        self._buffered = 0
+        self._space.set()
+        self._data_ready = anyio.Event()
+        await self._data_ready.wait()
+        return not self._timed_out
 
     def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         try:
@@ -127,7 +180,7 @@ class Connection:
         # Idle: nothing of a request received yet, so shutdown may close it at once.
         self.idle = not buffered
         limit = self.config.header_timeout_s if first else self.config.idle_timeout_s
-        deadline = anyio.current_time() + limit
+        self._set_read_deadline(anyio.current_time() + limit)
         try:
             while True:
                 event = self._next_event()
@@ -137,25 +190,21 @@ class Connection:
                     return None
                 if event is not h11.NEED_DATA:
                     raise _BadRequest(400, f"unexpected {event!r} before a request")
-                with anyio.move_on_after(deadline - anyio.current_time()):
-                    data = await self._receive()
-                    if data and self.idle:
-                        self.idle = False
-                        deadline = anyio.current_time() + self.config.header_timeout_s
-                    self.h11.receive_data(data)
-                    continue
-                # Timed out: a silent or too slow client. Nothing useful to say to it.
-                if self.h11.trailing_data[0]:
-                    await self._send_error(408, "request head not received in time")
-                return None
+                if self.idle and self.h11.trailing_data[0]:
+                    self.idle = False  # a request has begun: now the head timeout applies
+                    self._set_read_deadline(anyio.current_time() + self.config.header_timeout_s)
+                if not await self._wait_for_data():
+                    # Timed out: a silent or too slow client.
+                    if self.h11.trailing_data[0]:
+                        await self._send_error(408, "request head not received in time")
+                    return None
         finally:
             self.idle = False
 
     async def _read_body(self) -> bytes:
         body = bytearray()
         limit = self.config.max_body_bytes
-        # A deadline for the whole body; no timer at all when the body is already buffered.
-        deadline = anyio.current_time() + self.config.body_timeout_s
+        self._set_read_deadline(anyio.current_time() + self.config.body_timeout_s)
         while True:
             event = self._next_event()
             if isinstance(event, h11.Data):
@@ -165,10 +214,8 @@ class Connection:
             elif isinstance(event, h11.EndOfMessage):
                 return bytes(body)
             elif event is h11.NEED_DATA:
-                with anyio.move_on_after(deadline - anyio.current_time()):
-                    self.h11.receive_data(await self._receive())
-                    continue
-                raise _Status(408, "request body not received in time")
+                if not await self._wait_for_data():
+                    raise _Status(408, "request body not received in time")
             else:
                 raise _ClientGone
 
@@ -179,10 +226,10 @@ class Connection:
             head = await self._read_head(first)
             if head is None:
                 return False
-            request = self._build_request(head)
+            self._check_head(head)
             if self.h11.they_are_waiting_for_100_continue:
                 await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-            request = _with_body(request, await self._read_body())
+            request = self._build_request(head, await self._read_body())
         except _BadRequest as exc:
             await self._send_error(exc.status, exc.message)
             return False
@@ -197,13 +244,21 @@ class Connection:
             return True
         return False
 
-    def _build_request(self, head: h11.Request) -> Request:
+    def _check_head(self, head: h11.Request) -> None:
         if head.http_version not in (b"1.1", b"1.0"):
             raise _Status(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         # h11 enforces its size limit only on heads that arrive in pieces; check whole ones too.
         size = len(head.target) + sum(len(n) + len(v) + 4 for n, v in head.headers)
         if size > self.config.max_header_bytes:
             raise _Status(431, "request head is too large")
+        for name, value in head.headers:
+            if name == b"content-length" and int(value) > self.config.max_body_bytes:
+                limit = self.config.max_body_bytes
+                raise _Status(413, f"request body is larger than {limit} bytes")
+        if not head.target.startswith((b"/", b"http://", b"https://")):
+            raise _Status(400, "request target must be an absolute path")
+
+    def _build_request(self, head: h11.Request, body: bytes) -> Request:
         target = head.target.decode("latin-1")
         if target.startswith(("http://", "https://")):
             split = urlsplit(target)  # absolute form (RFC 9112, 3.2.2): use its path
@@ -211,54 +266,38 @@ class Connection:
         raw_path, _, query = target.partition("?")
         if not raw_path.startswith("/"):
             raise _Status(400, "request target must be an absolute path")
-        length = None
-        for name, value in head.headers:
-            if name == b"content-length":
-                length = int(value)
-        if length is not None and length > self.config.max_body_bytes:
-            raise _Status(413, f"request body is larger than {self.config.max_body_bytes} bytes")
         return Request(
             method=head.method.decode("ascii"),
             path=unquote(raw_path),
             query=query,
             headers=tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers),
+            body=body,
             client=self.client,
             http_version=head.http_version.decode("ascii"),
         )
 
     async def _dispatch(self, request: Request) -> bool:
-        """Run the handler and send its response; return True if the client went away."""
+        """Run the handler and send its response; return True if the connection must end."""
+        if self._eof:
+            request.disconnected.set()
+            return True
+        self._set_read_deadline(math.inf)  # the handler may take its time
+        scope = anyio.CancelScope()
+        self._active, self._active_scope = request, scope
         close = False
-        # Nothing may escape this task group: anyio would wrap it in an ExceptionGroup.
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch_disconnect, request, tg.cancel_scope)
-            try:
+        try:
+            with scope:
                 await self._respond(request)
-            except _ClientGone:
-                request.disconnected.set()
-            except (_Close, h11.LocalProtocolError):
-                # LocalProtocolError: the handler's headers contradict its body; drop the
-                # connection rather than send something malformed.
-                close = True
-            tg.cancel_scope.cancel()
+        except _ClientGone:
+            request.disconnected.set()
+            close = True
+        except (_Close, h11.LocalProtocolError):
+            # LocalProtocolError: the handler's headers contradict its body; drop the
+            # connection rather than send something malformed.
+            close = True
+        finally:
+            self._active = self._active_scope = None
         return close or request.disconnected.is_set()
-
-    async def _watch_disconnect(self, request: Request, scope: anyio.CancelScope) -> None:
-        while len(self.h11.trailing_data[0]) < _MAX_PIPELINED:
-            try:
-                data = await self.stream.receive(_READ_SIZE)
-            except (
-                anyio.EndOfStream,
-                anyio.BrokenResourceError,
-                anyio.ClosedResourceError,
-                OSError,
-            ):
-                break
-            self.h11.receive_data(data)
-        else:
-            return  # enough pipelined input buffered: stop reading, the client is alive
-        request.disconnected.set()
-        scope.cancel()
 
     async def _respond(self, request: Request) -> None:
         try:
@@ -378,7 +417,3 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         return b""
-
-
-def _with_body(request: Request, body: bytes) -> Request:
-    return attrs.evolve(request, body=body)
