@@ -13,7 +13,7 @@ from ._app import CloudApp
 from ._auth import AuthCache, bearer_token
 from ._fake import FakeJob, FakeNetwork, default_reply
 from ._http_network import ROUTES, HTTPNetworkClient, error_from_response, event_from_payload
-from ._jobs import Estimate, reservation
+from ._jobs import Estimate, job_request, reservation
 from ._metrics import CloudMetrics
 from ._network import (
     Account,
@@ -55,6 +55,7 @@ __all__ = [
     "default_reply",
     "error_from_response",
     "event_from_payload",
+    "job_request",
     "reservation",
     "running_cloud",
     "serve_cloud",

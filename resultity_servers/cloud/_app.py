@@ -19,7 +19,6 @@ from resultity_core import (
     no_capacity,
     parse_chat_request,
     parse_completion_request,
-    request_to_dict,
 )
 from resultity_servers._http import (
     HTTPClientError,
@@ -31,7 +30,7 @@ from resultity_servers._http import (
 )
 
 from ._auth import AuthCache
-from ._jobs import JobRun, reservation
+from ._jobs import JobRun, job_request, reservation
 from ._metrics import CloudMetrics
 from ._network import Account, JobSubmission, ModelInfo, NetworkClient, NetworkStatus
 from ._responses import (
@@ -239,7 +238,7 @@ class CloudApp:
         job = JobSubmission(
             kind,
             model.id,
-            request_to_dict(parsed),
+            job_request(parsed),
             worst.cost,
             shape.choices,
             prompt_tokens_estimate=worst.prompt_tokens,

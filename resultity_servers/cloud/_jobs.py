@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import attrs
@@ -21,6 +22,7 @@ from resultity_core import (
     OpenAIRequestError,
     invalid_request,
     no_capacity,
+    request_to_dict,
 )
 from resultity_servers._http import HTTPClientError, HTTPConnectError
 
@@ -35,13 +37,30 @@ from ._network import (
     TokenEvent,
 )
 
-__all__ = ["Estimate", "JobRun", "prompt_bytes", "reservation"]
+__all__ = ["Estimate", "JobRun", "job_request", "prompt_bytes", "reservation"]
 
 # Tokens a chat template may add per message and per request (role markers, BOS, the
 # assistant header): generous, since an underestimate would let a job overspend.
 _PER_MESSAGE = 8
 _PER_REQUEST = 16
 _CANCEL_TIMEOUT_S = 2.0
+
+
+def _decimal(value: object) -> object:
+    return repr(value) if isinstance(value, float) else value
+
+
+def job_request(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    """Return the request as the Network and nodes take it: its JSON form with every
+    fractional setting as a decimal string (``"temperature": "0.7"``), since jobs travel as
+    canonical JSON, which has no floats."""
+    out = request_to_dict(request)
+    for key, value in out.items():
+        if isinstance(value, float):
+            out[key] = repr(value)
+        elif key == "logit_bias" and isinstance(value, dict):
+            out[key] = {k: _decimal(v) for k, v in value.items()}
+    return out
 
 
 def prompt_bytes(request: ChatCompletionRequest | CompletionRequest) -> list[int]:

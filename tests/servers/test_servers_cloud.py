@@ -17,13 +17,14 @@ from typing import Any
 import anyio
 import pytest
 
-from resultity_core import SSEDecoder, insufficient_quota
+from resultity_core import SSEDecoder, canonical_bytes, insufficient_quota, parse_chat_request
 from resultity_servers._http import HTTPClient, HTTPServer
 from resultity_servers.cloud import (
     CloudApp,
     CloudSettings,
     FakeNetwork,
     bearer_token,
+    job_request,
     running_cloud,
 )
 
@@ -439,3 +440,28 @@ async def test_metrics_exposition() -> None:
 def test_cloud_does_not_import_torch() -> None:
     code = "import resultity_servers.cloud, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_job_request_is_canonical_json_with_decimal_strings() -> None:
+    request = parse_chat_request(
+        chat_body(temperature=0.7, top_p=1, logit_bias={"5": -1.5, "7": 2}, seed=3, stop="x")
+    )
+    out = job_request(request)
+    assert out["temperature"] == "0.7"
+    assert out["top_p"] == "1.0"
+    assert out["logit_bias"] == {"5": "-1.5", "7": "2.0"}
+    assert (out["seed"], out["stop"]) == (3, ["x"])
+    canonical_bytes(out)  # raises on any float left
+    back = {**out, "temperature": 0.7, "top_p": 1.0, "logit_bias": {"5": -1.5, "7": 2.0}}
+    assert parse_chat_request(back) == request
+
+
+async def test_submitted_request_has_no_floats() -> None:
+    async with cloud() as (client, net, _, _):
+        body = chat_body(temperature=0.25, presence_penalty=-1)
+        r = await client.request("POST", "/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status == 200
+        (job,) = net.jobs.values()
+        assert job.submission.request["temperature"] == "0.25"
+        assert job.submission.request["presence_penalty"] == "-1.0"
+        canonical_bytes(job.submission.request)
