@@ -103,8 +103,10 @@ class _Stream:
 
 
 def n_choices(request: Mapping[str, Any]) -> int:
-    """Return the request's ``n`` (choices per job) when it is a positive integer, else 1."""
-    n = request.get("n", 1)
+    """Return the request's ``n`` (``sampling.n`` in the lease form) when it is a positive
+    integer, else 1."""
+    sampling = request.get("sampling")
+    n = sampling.get("n", 1) if isinstance(sampling, Mapping) else request.get("n", 1)
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
 
 
@@ -239,30 +241,39 @@ class JobDesk:
         model: str,
         request: Mapping[str, Any],
         *,
-        prompt_tokens_estimate: int,
-        max_tokens: int,
         now: float,
+        prompt_tokens_estimate: int = 0,
+        max_tokens: int = 0,
+        reserve: int | None = None,
+        choices: int | None = None,
         job_id: str | None = None,
     ) -> JobRecord:
         """Queue a job after reserving its worst-case cost; returns the job record.
 
-        ``max_tokens`` is the most completion tokens the job may produce over all its choices;
-        ``prompt_tokens_estimate`` must not undercount the prompt (charges are capped at the
-        reservation). Reserves ``job_cost(price, prompt_tokens_estimate, max_tokens)`` at the
-        model's price in the current NodeConfig. Raises InvalidRequestError (bad numbers or a
-        request with no canonical JSON form), InvalidAPIKeyError (unknown account),
-        ModelNotFoundError (not in the current config), NoCapacityError (no config, or no live
-        node has the model) and InsufficientQuotaError (402: balance below the reservation).
+        The reservation is ``reserve`` micro-credits when given (the Cloud's own worst case),
+        else ``job_cost(price, prompt_tokens_estimate, max_tokens)`` at the model's price in
+        the current NodeConfig: ``max_tokens`` is the most completion tokens over all choices
+        and ``prompt_tokens_estimate`` must not undercount (charges are capped at the
+        reservation). ``choices`` is the number of ``done`` events that finish the job
+        (default: ``n_choices(request)``). ``request`` is what the node is leased.
+
+        Raises InvalidRequestError (bad numbers, a request with no canonical JSON form),
+        InvalidAPIKeyError (unknown account), ModelNotFoundError (not in the current config),
+        NoCapacityError (no config, or no live node has the model) and InsufficientQuotaError
+        (402: balance below the reservation).
         """
         for name, value in (("prompt_tokens_estimate", prompt_tokens_estimate),
-                            ("max_tokens", max_tokens)):
+                            ("max_tokens", max_tokens), ("reserve", reserve),
+                            ("choices", choices)):
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidRequestError(f"{name} must be a non-negative integer", param=name)
         try:
             canonical_bytes(dict(request))
         except CanonicalEncodingError as exc:
             raise InvalidRequestError(f"request: {exc}", param="request") from None
-        job_id = job_id or "job_" + secrets.token_hex(12)
+        job_id = job_id or "job-" + secrets.token_hex(12)
         if self._config is None:
             raise no_capacity(model)
         entry = self._config[1].model(model)
@@ -274,7 +285,8 @@ class JobDesk:
             if not any(n.state in (NodeState.READY, NodeState.SYNCING)
                        and model in n.capabilities.models for n in tx.list_nodes()):
                 raise no_capacity(model)
-            reserved = job_cost(entry.price, prompt_tokens_estimate, max_tokens)
+            reserved = reserve if reserve is not None else job_cost(
+                entry.price, prompt_tokens_estimate, max_tokens)
             try:
                 ledger_reserve(tx, job_id, account_id, reserved, now)
             except InsufficientCreditsError as exc:
@@ -283,7 +295,7 @@ class JobDesk:
                 job_id=job_id, account_id=account_id, model=model, request=dict(request),
                 state=JobState.QUEUED, created=now, max_tokens=max_tokens,
                 prompt_tokens_estimate=prompt_tokens_estimate, price=entry.price,
-                reserved=reserved,
+                reserved=reserved, choices=max(1, choices or n_choices(request)),
             ))
             self._dispatch(tx)
             job = tx.get_job(job_id)
@@ -395,7 +407,7 @@ class JobDesk:
             usage = JobUsage(max(usage.prompt_tokens, stream.usage.prompt_tokens),
                              max(usage.completion_tokens, stream.usage.completion_tokens))
         stream.usage = usage
-        if len(stream.done_indexes) >= n_choices(job.request):
+        if len(stream.done_indexes) >= job.choices:
             job = attrs.evolve(job, state=apply_job_action(job.state, JobAction.FINISH),
                                finished_at=now, deadline=None, prompt_tokens=usage.prompt_tokens,
                                completion_tokens=usage.completion_tokens)

@@ -85,6 +85,7 @@ class JobRecord:
     ``node_id`` is set while the job is assigned to a node (queued for it, leased or
     streaming) and kept afterwards. ``completion_tokens`` is what the Network saw stream
     (or the node's final usage); ``charge`` is what the requester paid once ``settled``.
+    ``choices`` is how many ``done`` events (one per choice index) finish the job.
     """
 
     job_id: str
@@ -97,6 +98,7 @@ class JobRecord:
     prompt_tokens_estimate: int
     price: Price
     reserved: int
+    choices: int = 1
     node_id: str | None = None
     attempts: int = 0
     first_token_at: float | None = None

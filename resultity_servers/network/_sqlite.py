@@ -68,7 +68,8 @@ _MIGRATIONS: tuple[str, ...] = (
         request TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL,
         max_tokens INTEGER NOT NULL, prompt_tokens_estimate INTEGER NOT NULL,
         price_prompt INTEGER NOT NULL, price_completion INTEGER NOT NULL,
-        reserved INTEGER NOT NULL, node_id TEXT, attempts INTEGER NOT NULL,
+        reserved INTEGER NOT NULL, choices INTEGER NOT NULL, node_id TEXT,
+        attempts INTEGER NOT NULL,
         first_token_at REAL, finished_at REAL, deadline REAL,
         prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
         charge INTEGER, settled INTEGER NOT NULL, error TEXT);
@@ -97,8 +98,8 @@ assert PLATFORM_ACCOUNT == "platform"
 
 _JOB_COLUMNS = (
     "job_id, account_id, model, request, state, created, max_tokens, prompt_tokens_estimate, "
-    "price_prompt, price_completion, reserved, node_id, attempts, first_token_at, finished_at, "
-    "deadline, prompt_tokens, completion_tokens, charge, settled, error"
+    "price_prompt, price_completion, reserved, choices, node_id, attempts, first_token_at, "
+    "finished_at, deadline, prompt_tokens, completion_tokens, charge, settled, error"
 )
 _NODE_COLUMNS = (
     "node_id, public_key, account_id, state, registered_at, last_heartbeat, capabilities, "
@@ -115,9 +116,9 @@ def _job(row: sqlite3.Row) -> JobRecord:
         job_id=row[0], account_id=row[1], model=row[2], request=json.loads(row[3]),
         state=JobState(row[4]), created=row[5], max_tokens=row[6],
         prompt_tokens_estimate=row[7], price=Price(row[8], row[9]), reserved=row[10],
-        node_id=row[11], attempts=row[12], first_token_at=row[13], finished_at=row[14],
-        deadline=row[15], prompt_tokens=row[16], completion_tokens=row[17], charge=row[18],
-        settled=bool(row[19]), error=row[20],
+        choices=row[11], node_id=row[12], attempts=row[13], first_token_at=row[14],
+        finished_at=row[15], deadline=row[16], prompt_tokens=row[17], completion_tokens=row[18],
+        charge=row[19], settled=bool(row[20]), error=row[21],
     )
 
 
@@ -313,15 +314,15 @@ class SQLiteStore(Store, StoreTx):
         return (
             r.job_id, r.account_id, r.model, _dumps(r.request), str(r.state), r.created,
             r.max_tokens, r.prompt_tokens_estimate, r.price.prompt_per_1k,
-            r.price.completion_per_1k, r.reserved, r.node_id, r.attempts, r.first_token_at,
-            r.finished_at, r.deadline, r.prompt_tokens, r.completion_tokens, r.charge,
-            int(r.settled), r.error,
+            r.price.completion_per_1k, r.reserved, r.choices, r.node_id, r.attempts,
+            r.first_token_at, r.finished_at, r.deadline, r.prompt_tokens, r.completion_tokens,
+            r.charge, int(r.settled), r.error,
         )
 
     def insert_job(self, record: JobRecord) -> None:
         try:
             self._db.execute(
-                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 21)})",
+                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 22)})",
                 self._job_values(record),
             )
         except sqlite3.IntegrityError:

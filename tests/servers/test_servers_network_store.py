@@ -187,11 +187,16 @@ def test_rollback_leaves_everything_unchanged(network_store: Store) -> None:
         tx.insert_account(AccountRecord("alice", 1.0))
         ledger_credit(tx, "alice", 100, 1.0)
     before = _totals_conserved(network_store)
-    with pytest.raises(InsufficientCreditsError), network_store.transaction() as tx:
-        tx.insert_job(_job("j1"))
-        tx.put_node(_node("n1", session="s"))
-        ledger_credit(tx, "alice", 50, 2.0)
-        ledger_reserve(tx, "j1", "alice", 1_000, 2.0)
+
+    def doomed() -> None:
+        with network_store.transaction() as tx:
+            tx.insert_job(_job("j1"))
+            tx.put_node(_node("n1", session="s"))
+            ledger_credit(tx, "alice", 50, 2.0)
+            ledger_reserve(tx, "j1", "alice", 1_000, 2.0)
+
+    with pytest.raises(InsufficientCreditsError):
+        doomed()
     with network_store.transaction() as tx:
         assert tx.get_job("j1") is None
         assert tx.get_node("n1") is None
