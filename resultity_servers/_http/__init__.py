@@ -8,7 +8,7 @@ limits, timeouts, a connection cap, disconnect detection and graceful shutdown. 
 
 from __future__ import annotations
 
-from ._client import ClientResponse, HTTPClient, StreamingClientResponse
+from ._client import DEFAULT_TIMEOUT, ClientResponse, HTTPClient, StreamingClientResponse
 from ._errors import (
     HTTPClientError,
     HTTPConnectError,
@@ -29,6 +29,7 @@ from ._types import (
 )
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "ClientResponse",
     "ErrorResponder",
     "HTTPClient",

@@ -6,10 +6,11 @@ mapped to ``HTTPClientError`` subclasses here, at the border.
 
 from __future__ import annotations
 
+import enum
 import json as _json
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import attrs
 import httpcore
@@ -25,9 +26,18 @@ from ._errors import (
 )
 from ._types import HeaderList
 
-__all__ = ["ClientResponse", "HTTPClient", "StreamingClientResponse"]
+__all__ = ["DEFAULT_TIMEOUT", "ClientResponse", "HTTPClient", "StreamingClientResponse"]
 
 _NO_BODY: Any = object()
+
+
+class _Default(enum.Enum):
+    TIMEOUT = "the client's timeout_s"
+
+
+DEFAULT_TIMEOUT = _Default.TIMEOUT
+"""Per-call ``timeout_s`` default: use the client's. ``None`` instead means no read timeout."""
+TimeoutArg = float | None | Literal[_Default.TIMEOUT]
 
 
 @contextmanager
@@ -134,7 +144,8 @@ class HTTPClient:
     """A keep-alive client for one base URL (``http://127.0.0.1:8000``).
 
     ``timeout_s`` bounds each wait (connect, write, the next bytes of a response, a free pool
-    slot), not the whole exchange, so a long stream that keeps producing is never cut.
+    slot), not the whole exchange, so a long stream that keeps producing is never cut. A call
+    may pass its own ``timeout_s``; ``None`` there means no limit on waiting for response bytes.
     """
 
     def __init__(
@@ -171,7 +182,7 @@ class HTTPClient:
         json: Any,
         content: bytes | None,
         headers: Mapping[str, str] | None,
-        timeout_s: float | None,
+        timeout_s: TimeoutArg,
     ) -> tuple[str, list[tuple[str, str]], bytes | None, dict[str, Any]]:
         url = self.base_url + path
         merged = {k.lower(): v for k, v in self.headers.items()}
@@ -181,12 +192,13 @@ class HTTPClient:
                 raise ValueError("give json or content, not both")
             content = _json.dumps(json, ensure_ascii=False, separators=(",", ":")).encode()
             merged.setdefault("content-type", "application/json")
-        wait = self.timeout_s if timeout_s is None else timeout_s
+        wait = self.timeout_s if timeout_s is DEFAULT_TIMEOUT else timeout_s
+        bound = self.timeout_s if wait is None else wait
         timeouts = {
-            "connect": min(self.connect_timeout_s, wait),
-            "read": wait,
-            "write": wait,
-            "pool": wait,
+            "connect": min(self.connect_timeout_s, bound),
+            "read": wait,  # None: wait for the next bytes as long as it takes
+            "write": bound,
+            "pool": bound,
         }
         return url, list(merged.items()), content, {"timeout": timeouts}
 
@@ -198,12 +210,14 @@ class HTTPClient:
         json: Any = _NO_BODY,
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-        timeout_s: float | None = None,
+        timeout_s: TimeoutArg = DEFAULT_TIMEOUT,
     ) -> ClientResponse:
         """Send one request and return the complete response (any status).
 
-        ``json`` is encoded as the body with ``content-type: application/json``. Raises
-        HTTPConnectError, HTTPTimeoutError, HTTPProtocolError.
+        ``json`` is encoded as the body with ``content-type: application/json``. ``timeout_s``
+        overrides the client's for this call; ``None`` waits for response bytes without limit
+        (connecting and sending stay bounded). Raises HTTPConnectError, HTTPTimeoutError,
+        HTTPProtocolError.
         """
         url, hdrs, body, ext = self._prepare(path, json, content, headers, timeout_s)
         with _map_errors(url):
@@ -234,7 +248,7 @@ class HTTPClient:
         json: Any = _NO_BODY,
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-        timeout_s: float | None = None,
+        timeout_s: TimeoutArg = DEFAULT_TIMEOUT,
     ) -> AsyncIterator[StreamingClientResponse]:
         """Send a request and yield the response before its body is read.
 

@@ -49,6 +49,14 @@ def _router(state: dict[str, Any]) -> Router:
     async def teapot(request: Request) -> Response:
         return Response.json({"error": {"message": "short and stout"}}, status=418)
 
+    @router.route("GET", "/pause")
+    async def pause(request: Request) -> StreamingResponse:
+        async def gen() -> AsyncIterator[bytes]:
+            await anyio.sleep(0.4)  # longer than the client's default timeout in the test
+            yield b"data: late\n\n"
+
+        return StreamingResponse.sse(gen())
+
     @router.route("GET", "/slow")
     async def slow(request: Request) -> Response:
         await anyio.sleep(5)
@@ -173,6 +181,10 @@ async def test_read_timeout_and_connect_errors_are_ours() -> None:
                 with pytest.raises(HTTPTimeoutError) as info:
                     await client.request("GET", "/slow")
                 assert info.value.url.endswith("/slow")
+                async with client.stream("GET", "/pause", timeout_s=None) as response:
+                    assert [e.data async for e in response.aiter_sse()] == ["late"]
+                with pytest.raises(HTTPTimeoutError):
+                    await client.request("GET", "/slow", timeout_s=0.05)
             port = server.port
         async with HTTPClient(f"http://127.0.0.1:{port}") as client:
             with pytest.raises(HTTPConnectError, match="cannot connect"):
