@@ -133,6 +133,9 @@ class CloudApp:
         self.metrics.in_flight.add(1)
         try:
             response = await self.router(request)
+        except anyio.get_cancelled_exc_class():
+            self._done(route, 499, started)  # the client went away (nginx's "closed request")
+            raise
         except BaseException:
             self._done(route, 500, started)
             raise

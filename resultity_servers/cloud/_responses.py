@@ -171,9 +171,12 @@ def _error_response(error: OpenAIRequestError) -> Response:
     return Response.json(error.to_error_body(), status=error.status)
 
 
-def _apply(shape: Shape, event: JobEvent) -> dict[str, Any]:
-    """Return the chunk for a token or done event; raises ``OpenAIRequestError``."""
+def _apply(shape: Shape, event: JobEvent) -> dict[str, Any] | None:
+    """Return the chunk for a token or done event (None for a token event that carries
+    nothing to show); raises ``OpenAIRequestError``."""
     if isinstance(event, TokenEvent):
+        if not event.text and not event.logprobs:
+            return None
         return shape.token(event)
     if isinstance(event, DoneEvent):
         return shape.finish(event)
@@ -232,7 +235,9 @@ async def _events(
         event: JobEvent | None = first
         while event is not None:
             try:
-                out.append(encode_event(_apply(shape, event)))
+                chunk = _apply(shape, event)
+                if chunk is not None:
+                    out.append(encode_event(chunk))
             except OpenAIRequestError as exc:
                 yield b"".join(out) + error_event(exc)
                 return

@@ -372,13 +372,17 @@ async def test_error_mid_stream_is_an_sse_error_event() -> None:
         assert r.status == 500
 
 
-@pytest.mark.parametrize("stream", [True, False])
-async def test_client_disconnect_cancels_the_job_within_a_second(stream: bool) -> None:
+@pytest.mark.parametrize(("stream", "queued"), [(True, False), (False, False), (True, True)])
+async def test_client_disconnect_cancels_the_job_within_a_second(
+    stream: bool, queued: bool
+) -> None:
     net = FakeNetwork()
     net.token_delay_s = 0.2
+    if queued:  # the client leaves while the job waits for its first token
+        net.first_token_delay_s = 2.0
     async with cloud(net) as (client, net, app, _):
         body = chat_body(stream=stream)
-        if stream:
+        if stream and not queued:
             async with client.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r:
                 async for chunk in r.aiter_bytes():
                     if b"Hello" in chunk:
@@ -397,6 +401,8 @@ async def test_client_disconnect_cancels_the_job_within_a_second(stream: bool) -
             while app.metrics.in_flight.value != 0:
                 await anyio.sleep(0.01)
         assert app.metrics.cancelled.value() == 1
+        status = "200" if stream and not queued else "499"  # 499: gone before the head
+        assert app.metrics.requests.value("/v1/chat/completions", status) == 1
 
 
 async def test_metrics_exposition() -> None:
