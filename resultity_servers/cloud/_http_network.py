@@ -188,6 +188,16 @@ def _model_info(m: Mapping[str, Any]) -> ModelInfo:
     )
 
 
+def _stream_error(detail: object) -> OpenAIRequestError:
+    if isinstance(detail, dict):
+        message = detail.get("message")
+        return InternalServerError(
+            f"The job failed: {message}" if isinstance(message, str) else None,
+            code=detail.get("code") if isinstance(detail.get("code"), str) else None,
+        )
+    return InternalServerError(f"The job failed: {detail}")
+
+
 class HTTPNetworkClient:
     """Talk to the Network at ``base_url`` with the shared ``service_token``."""
 
@@ -277,21 +287,19 @@ class HTTPNetworkClient:
         try:
             async with self.http.stream("GET", path, timeout_s=None) as response:
                 if response.status != 200:
-                    raise error_from_response(response.status, await response.aread())
+                    await response.aread()
+                    raise _unavailable(f"network answered HTTP {response.status} for the events")
                 async for sse in response.aiter_sse():
                     if sse.data == "[DONE]":
                         return
                     try:
                         payload = sse.json()
                     except ValueError:
-                        raise _unavailable("network sent a malformed event") from None
+                        payload = None
+                    if not isinstance(payload, dict):
+                        raise _unavailable("network sent a malformed event")
                     if sse.event == "error" or ("error" in payload and "_type" not in payload):
-                        detail = payload.get("error")
-                        yield ErrorEvent(
-                            error_from_response(503, json.dumps({"error": detail}).encode())
-                            if isinstance(detail, dict)
-                            else InternalServerError(f"The job failed: {detail}")
-                        )
+                        yield ErrorEvent(_stream_error(payload.get("error")))
                         return
                     try:
                         event = event_from_payload(payload)

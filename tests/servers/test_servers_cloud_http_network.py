@@ -309,3 +309,37 @@ async def test_unreachable_network_and_wrong_service_token_are_503() -> None:
             await net.cancel(JobHandle("job-1", "tiny"))
     finally:
         await net.aclose()
+
+
+async def test_event_stream_variants() -> None:
+    token = WireEvent("j", 0, "token", text="hi", token_ids=(1,)).to_payload()
+    done = WireEvent("j", 1, "done", finish_reason="stop", usage=JobUsage(1, 1)).to_payload()
+    bodies = {
+        "ok": encode_event(token) + encode_event(done) + b"data: [DONE]\n\n",
+        "err": encode_event(token) + encode_event({"error": {"message": "boom"}}, event="error"),
+        "bad": encode_event([1, 2]),
+        "wire": encode_event({"_type": "job_event", "job_id": "j", "seq": 0, "kind": "nope"}),
+    }
+    router = Router()
+
+    async def events(request: Request) -> Response:
+        return Response(
+            200, (("content-type", "text/event-stream"),), bodies[request.path_params["job_id"]]
+        )
+
+    router.add("GET", ROUTES["events"], events)
+    with anyio.fail_after(10):
+        async with running_server(router) as server:
+            net = HTTPNetworkClient(server.url, TOKEN, timeout_s=2)
+            try:
+                got = [e async for e in net.events(JobHandle("ok", "tiny"))]
+                assert got == [TokenEvent(0, "hi", 1), DoneEvent(0, "stop", 1, 1)]
+                got = [e async for e in net.events(JobHandle("err", "tiny"))]
+                assert isinstance(got[-1], ErrorEvent)
+                assert got[-1].error.message == "The job failed: boom"
+                for job_id in ("bad", "wire", "missing"):
+                    with pytest.raises(OpenAIRequestError) as exc:
+                        _ = [e async for e in net.events(JobHandle(job_id, "tiny"))]
+                    assert exc.value.status == 503
+            finally:
+                await net.aclose()
