@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -26,6 +27,7 @@ from resultity_servers.cloud import (
     bearer_token,
     job_request,
     running_cloud,
+    serve_cloud,
 )
 
 pytestmark = pytest.mark.anyio
@@ -471,3 +473,14 @@ async def test_submitted_request_has_no_floats() -> None:
         assert job.submission.request["temperature"] == "0.25"
         assert job.submission.request["presence_penalty"] == "-1.0"
         canonical_bytes(job.submission.request)
+
+
+async def test_serve_cloud_reports_its_port_and_stops_on_cancel() -> None:
+    net = FakeNetwork()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(partial(serve_cloud, CloudSettings(port=0), network=net))
+            async with HTTPClient(f"http://127.0.0.1:{port}") as client:
+                r = await client.request("GET", "/health")
+                assert (r.status, r.json()) == (200, {"status": "ok"})
+            tg.cancel_scope.cancel()
