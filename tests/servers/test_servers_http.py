@@ -692,3 +692,11 @@ async def test_handler_returning_garbage_or_bad_headers_does_not_break_the_serve
             raw = await Raw.connect(server)
             await raw.request("GET", "/none")
             assert (await raw.response())[0] == 500
+
+
+def test_public_surface_imports() -> None:
+    import resultity_servers._http as http
+
+    assert sorted(http.__all__) == sorted(set(http.__all__))
+    for name in http.__all__:
+        assert getattr(http, name) is not None, name
