@@ -33,7 +33,8 @@ def _prefill_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, HAS_PREFIX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # the last query tiles of a causal sequence do the most work: launch them first
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq)
@@ -163,9 +164,10 @@ def _default_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, i
         return 16, 16, 1, 1
     if dtype == torch.float32:
         return 64, 32, 4, 2
+    # untuned guesses for Hopper; benchmarks/kernels_gpu.py sweeps alternatives
     if head_dim <= 64:
         return 128, 64, 4, 3
-    return 128, 64, 8, 2
+    return 128, 64, 8, 3
 
 
 def prefill_attention(

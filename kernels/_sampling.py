@@ -32,14 +32,17 @@ _MAX_ITERS = 64
 def _sample_kernel(
     logits_ptr, stride_row, vocab,
     temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr,
+    cmax_ptr, num_chunks,
     BLOCK: tl.constexpr, MAX_ITERS: tl.constexpr,
 ):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
+    cmax_row = cmax_ptr + row.to(tl.int64) * num_chunks
     offs = tl.arange(0, BLOCK)
     inf = float("inf")
 
-    # pass 1: per-lane max (first index), count of the max, and finite min
+    # pass 1: per-lane max (first index), count of the max, finite min; the max of every chunk
+    # is kept so that later passes skip the chunks that lie wholly below their bracket
     lane_max = tl.full([BLOCK], -inf, tl.float32)
     lane_idx = tl.zeros([BLOCK], tl.int32)
     lane_cnt = tl.zeros([BLOCK], tl.int32)
@@ -47,6 +50,7 @@ def _sample_kernel(
     for start in range(0, vocab, BLOCK):
         idx = start + offs
         x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
+        tl.store(cmax_row + start // BLOCK, tl.max(x, 0))
         better = x > lane_max
         lane_cnt = tl.where(better, 1, lane_cnt + (x == lane_max).to(tl.int32))
         lane_idx = tl.where(better, idx, lane_idx)
@@ -64,7 +68,8 @@ def _sample_kernel(
         thr = mn
         top_k = tl.load(top_k_ptr + row)
         if (top_k > 0) & (top_k < vocab) & (cnt_max < top_k):
-            # largest value with count(x >= value) >= top_k; invariants F(lo) >= k > F(hi)
+            # largest value with count(x >= value) >= top_k; invariants F(lo) >= k > F(hi);
+            # stop once [lo, hi) holds a single distinct value
             lo = mn
             hi = mx
             vmin = tl.full([], 0.0, tl.float32)  # typed: loop-carried values keep one type
@@ -78,16 +83,17 @@ def _sample_kernel(
                 min2 = tl.full([BLOCK], inf, tl.float32)
                 max2 = tl.full([BLOCK], -inf, tl.float32)
                 for start in range(0, vocab, BLOCK):
-                    idx = start + offs
-                    x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
-                    up = x >= mid
-                    f += up.to(tl.int32)
-                    in1 = (x >= lo) & (x < mid)
-                    in2 = up & (x < hi)
-                    min1 = tl.minimum(min1, tl.where(in1, x, inf))
-                    max1 = tl.maximum(max1, tl.where(in1, x, -inf))
-                    min2 = tl.minimum(min2, tl.where(in2, x, inf))
-                    max2 = tl.maximum(max2, tl.where(in2, x, -inf))
+                    if tl.load(cmax_row + start // BLOCK) >= lo:
+                        idx = start + offs
+                        x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
+                        up = x >= mid
+                        f += up.to(tl.int32)
+                        in1 = (x >= lo) & (x < mid)
+                        in2 = up & (x < hi)
+                        min1 = tl.minimum(min1, tl.where(in1, x, inf))
+                        max1 = tl.maximum(max1, tl.where(in1, x, -inf))
+                        min2 = tl.minimum(min2, tl.where(in2, x, inf))
+                        max2 = tl.maximum(max2, tl.where(in2, x, -inf))
                 if tl.sum(f, 0) >= top_k:
                     lo = mid
                     vmin = tl.min(min2, 0)
@@ -104,12 +110,14 @@ def _sample_kernel(
         if top_p < 1.0:
             mass_k = tl.zeros([BLOCK], tl.float32)
             for start in range(0, vocab, BLOCK):
-                idx = start + offs
-                x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
-                mass_k += tl.where(x >= thr, tl.exp2((x - mx) * c), 0.0)
+                if tl.load(cmax_row + start // BLOCK) >= thr:
+                    idx = start + offs
+                    x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
+                    mass_k += tl.where(x >= thr, tl.exp2((x - mx) * c), 0.0)
             target = top_p * tl.sum(mass_k, 0)
             # the tied maximum has mass cnt_max (weight 1 each)
             if cnt_max.to(tl.float32) < target:
+                # keep x >= v iff the mass strictly above v is below top_p, i.e. F(v) >= target
                 lo = thr
                 hi = mx
                 vmin = tl.full([], 0.0, tl.float32)
@@ -123,17 +131,17 @@ def _sample_kernel(
                     min2 = tl.full([BLOCK], inf, tl.float32)
                     max2 = tl.full([BLOCK], -inf, tl.float32)
                     for start in range(0, vocab, BLOCK):
-                        idx = start + offs
-                        x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
-                        up = x >= mid
-                        f += tl.where(up, tl.exp2((x - mx) * c), 0.0)
-                        in1 = (x >= lo) & (x < mid)
-                        in2 = up & (x < hi)
-                        min1 = tl.minimum(min1, tl.where(in1, x, inf))
-                        max1 = tl.maximum(max1, tl.where(in1, x, -inf))
-                        min2 = tl.minimum(min2, tl.where(in2, x, inf))
-                        max2 = tl.maximum(max2, tl.where(in2, x, -inf))
-                    # keep x >= v iff mass strictly above v < top_p, i.e. F(v) >= target
+                        if tl.load(cmax_row + start // BLOCK) >= lo:
+                            idx = start + offs
+                            x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
+                            up = x >= mid
+                            f += tl.where(up, tl.exp2((x - mx) * c), 0.0)
+                            in1 = (x >= lo) & (x < mid)
+                            in2 = up & (x < hi)
+                            min1 = tl.minimum(min1, tl.where(in1, x, inf))
+                            max1 = tl.maximum(max1, tl.where(in1, x, -inf))
+                            min2 = tl.minimum(min2, tl.where(in2, x, inf))
+                            max2 = tl.maximum(max2, tl.where(in2, x, -inf))
                     if tl.sum(f, 0) >= target:
                         lo = mid
                         vmin = tl.min(min2, 0)
@@ -149,25 +157,32 @@ def _sample_kernel(
         min_p = tl.load(min_p_ptr + row)
         if min_p > 0.0:
             thr = tl.maximum(thr, mx + tl.log(min_p) * temp)
-        # Gumbel-max over the kept tokens: argmax of log p + G, G = -log(-log u)
+        # Gumbel-max over the kept tokens: argmax of log p + G, G = -log(-log u). One Philox
+        # call gives four uniforms: counter t of a chunk serves its four quarters at offset t.
         seed = tl.load(seed_ptr + row)
         step = tl.load(step_ptr + row)
-        step_lo = (step & 0xFFFFFFFF).to(tl.uint32)
-        step_hi = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        best = tl.full([BLOCK], -inf, tl.float32)
-        best_idx = tl.zeros([BLOCK], tl.int32)
+        q_offs = tl.arange(0, BLOCK // 4)
+        zero = tl.zeros([BLOCK // 4], tl.uint32)
+        step_lo = (step & 0xFFFFFFFF).to(tl.uint32) + zero
+        step_hi = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32) + zero
+        best = tl.full([BLOCK // 4], -inf, tl.float32)
+        best_idx = tl.zeros([BLOCK // 4], tl.int32)
+        inv_t = 1.0 / temp
         for start in range(0, vocab, BLOCK):
-            idx = start + offs
-            x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
-            zero = tl.zeros_like(idx).to(tl.uint32)
-            r0, _, _, _ = tl.philox(seed, idx.to(tl.uint32), step_lo + zero, step_hi + zero, zero)
-            u = tl.uint_to_uniform_float(r0)
-            u = tl.minimum(tl.maximum(u, 1e-20), 0.99999994)
-            score = (x - mx) * (1.0 / temp) - tl.log(-tl.log(u))
-            score = tl.where((x >= thr) & (idx < vocab), score, -inf)
-            better = score > best
-            best_idx = tl.where(better, idx, best_idx)
-            best = tl.where(better, score, best)
+            if tl.load(cmax_row + start // BLOCK) >= thr:
+                counter = (start // 4 + q_offs).to(tl.uint32)
+                r0, r1, r2, r3 = tl.philox(seed, counter, step_lo, step_hi, zero)
+                for j in tl.static_range(4):
+                    r = r0 if j == 0 else (r1 if j == 1 else (r2 if j == 2 else r3))
+                    idx = start + j * (BLOCK // 4) + q_offs
+                    x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
+                    u = tl.uint_to_uniform_float(r)
+                    u = tl.minimum(tl.maximum(u, 1e-20), 0.99999994)
+                    score = (x - mx) * inv_t - tl.log(-tl.log(u))
+                    score = tl.where((x >= thr) & (idx < vocab), score, -inf)
+                    better = score > best
+                    best_idx = tl.where(better, idx, best_idx)
+                    best = tl.where(better, score, best)
         top = tl.max(best, 0)
         result = tl.min(tl.where(best == top, best_idx, vocab), 0)
     tl.store(out_ptr + row, result.to(tl.int64))
@@ -233,9 +248,14 @@ def sample(
         return out
     if block is None:
         block = 64 if interpreting() else 2048
+    if block < 4 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 4, got {block}")
+    num_chunks = -(-v // block)
+    chunk_max = torch.empty((m, num_chunks), dtype=torch.float32, device=dev)  # scratch
     _sample_kernel[(m,)](
         logits, logits.stride(0), v, temps, ks, ps, mps, seeds.contiguous(), st, out, thresholds,
-        BLOCK=block, MAX_ITERS=_MAX_ITERS, num_warps=1 if interpreting() else 8,
+        chunk_max, num_chunks, BLOCK=block, MAX_ITERS=_MAX_ITERS,
+        num_warps=1 if interpreting() else 8,
     )
     return out
 
