@@ -104,7 +104,7 @@ def make_engine(name: str, small_dir: Path, backend: str) -> Any:
     from resultity_runtime._model import LlamaForCausalLM
     from resultity_runtime._tokenizer import load_tokenizer
 
-    kwargs = {"backend": backend, "max_num_seqs": 64, "kv_cache_bytes": 8 << 30,
+    kwargs: dict[str, Any] = {"backend": backend, "max_num_seqs": 64, "kv_cache_bytes": 8 << 30,
               "max_num_batched_tokens": 8192}
     if name == "small":
         return Engine.from_pretrained(small_dir, device="cuda", dtype="bfloat16", **kwargs)

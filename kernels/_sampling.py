@@ -24,7 +24,6 @@ from ._triton_compat import check_device, check_tensor, interpreting, lazy_jit, 
 
 __all__ = ["sample", "sample_ref", "sampling_probs_ref"]
 
-_LOG2E = 1.4426950408889634
 _MAX_ITERS = 64
 
 
