@@ -6,6 +6,7 @@ the durable ``SQLiteStore``). The HTTP app and ``serve_network`` drive it with a
 
 from __future__ import annotations
 
+from ._app import NetworkApp, decimalize
 from ._coordinator import (
     AccountBalance,
     Coordinator,
@@ -37,12 +38,14 @@ from ._records import (
     ReceiptRecord,
     SnapshotRecord,
 )
+from ._serve import DB_FILE, NetworkSettings, open_store, running_network, serve_network
 from ._settings import CoordinatorSettings
 from ._sqlite import SCHEMA_VERSION, SQLiteStore
 from ._store import ACTIVE_JOB_STATES, Store, StoreTx
 
 __all__ = [
     "ACTIVE_JOB_STATES",
+    "DB_FILE",
     "SCHEMA_VERSION",
     "AccountBalance",
     "AccountRecord",
@@ -58,7 +61,9 @@ __all__ = [
     "LedgerEntry",
     "MemoryStore",
     "ModelInfo",
+    "NetworkApp",
     "NetworkError",
+    "NetworkSettings",
     "NodeAuthError",
     "NodeRecord",
     "NodeSession",
@@ -72,7 +77,11 @@ __all__ = [
     "StoreTx",
     "UnknownJobError",
     "UnknownNodeError",
+    "decimalize",
     "hash_secret",
     "job_cost",
     "n_choices",
+    "open_store",
+    "running_network",
+    "serve_network",
 ]

@@ -1,0 +1,296 @@
+"""The Network's HTTP app on 127.0.0.1: a scripted node and the Cloud's HTTPNetworkClient."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from resultity_core import (
+    Capabilities,
+    Heartbeat,
+    JobEvent,
+    JobUsage,
+    LeaseRequest,
+    NodeGrant,
+    Receipt,
+    ReceiptSubmit,
+    RegisterRequest,
+    SecretKey,
+    canonical_digest,
+    example_node_config,
+    generate_key,
+    sign_envelope,
+    sign_grant,
+    sign_receipt,
+)
+from resultity_servers._http import HTTPClient, HTTPServer
+from resultity_servers.cloud import (
+    Account,
+    DoneEvent,
+    ErrorEvent,
+    HTTPNetworkClient,
+    JobSubmission,
+    TokenEvent,
+)
+from resultity_servers.network import (
+    Coordinator,
+    MemoryStore,
+    NetworkApp,
+    NetworkSettings,
+    decimalize,
+    running_network,
+)
+
+pytestmark = pytest.mark.anyio
+
+SERVICE = "svc-token-for-tests"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class ScriptedNode:
+    """A node Agent reduced to its HTTP conversation with the Network."""
+
+    def __init__(self, http: HTTPClient, key: SecretKey) -> None:
+        self.http = http
+        self.key = key
+        self.node_id = key.keyid
+        self.token = ""
+
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"}
+
+    async def admit(self, owner_key: SecretKey, config_hash: str) -> None:
+        now = int(time.time())
+        grant = sign_grant(NodeGrant("bob", self.key.public_key, now - 5, now + 3600), owner_key)
+        request = RegisterRequest(self.key.public_key.hex, grant.to_payload(),
+                                  Capabilities(("tiny",), 4, "cpu"))
+        challenge = await self.http.post_json("/network/v1/nodes/register", request.to_payload())
+        signature = self.key.sign(bytes.fromhex(challenge["nonce"])).hex()
+        session = await self.http.post_json("/network/v1/nodes/challenge", {
+            "_type": "challenge_response", "node_id": self.node_id, "signature": signature})
+        self.token = session["token"]
+        reply = await self.beat(config_hash)
+        assert reply["state"] == "ready"
+
+    async def beat(self, config_hash: str) -> Any:
+        beat = Heartbeat(self.node_id, 1, config_hash, "0.1", 0, 4, "ready")
+        return await self.http.post_json("/network/v1/nodes/heartbeat", beat.to_payload(),
+                                         headers=self.auth())
+
+    async def lease(self, wait_ms: int) -> list[dict[str, Any]]:
+        body = await self.http.post_json(
+            "/network/v1/nodes/lease", LeaseRequest(self.node_id, 4, wait_ms).to_payload(),
+            headers=self.auth())
+        return list(body["leases"])
+
+    async def post(self, *events: JobEvent) -> list[str]:
+        body = await self.http.post_json(
+            "/network/v1/nodes/events", {"events": [e.to_payload() for e in events]},
+            headers=self.auth())
+        return list(body["cancel"])
+
+    async def run(self, lease: dict[str, Any], words: list[str]) -> Any:
+        job_id = lease["job_id"]
+        for seq, word in enumerate(words):
+            await self.post(JobEvent(job_id, seq, "token", text=word, token_ids=(seq,)))
+        usage = JobUsage(5, len(words))
+        await self.post(JobEvent(job_id, len(words), "done", finish_reason="stop", usage=usage))
+        receipt = Receipt(job_id, self.node_id, lease["model"], canonical_digest(lease["request"]),
+                          "sha256:" + "0" * 64, 5, len(words), int(time.time()))
+        envelope = sign_receipt(receipt, self.key).to_payload()
+        return await self.http.post_json("/network/v1/nodes/receipt",
+                                         ReceiptSubmit(envelope).to_payload(),
+                                         headers=self.auth())
+
+
+class Deployment:
+    def __init__(self, server: HTTPServer, app: NetworkApp, owner: SecretKey, alice: str,
+                 config_hash: str) -> None:
+        self.server, self.app, self.owner, self.alice_key = server, app, owner, alice
+        self.config_hash = config_hash
+
+
+@asynccontextmanager
+async def deployment() -> AsyncIterator[Deployment]:
+    coordinator = Coordinator(MemoryStore())
+    now = time.time()
+    envelope = sign_envelope(example_node_config(now=int(now)).to_payload(), [generate_key()])
+    config_hash = coordinator.publish_config(envelope, now)
+    owner = generate_key()
+    coordinator.create_account(now, account_id="bob", public_key=owner.public_key)
+    _, alice = coordinator.create_account(now, account_id="alice", initial_credits=100_000)
+    settings = NetworkSettings(port=0, service_token=SERVICE, tick_interval_s=0.05)
+    async with running_network(settings, coordinator=coordinator) as (server, app):
+        yield Deployment(server, app, owner, alice, config_hash)
+
+
+async def test_cloud_to_node_round_trip_and_settlement() -> None:
+    async with deployment() as d, HTTPClient(d.server.url) as http:
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+        cloud = HTTPNetworkClient(d.server.url, SERVICE)
+        try:
+            account = await cloud.authenticate(d.alice_key)
+            assert account == Account("alice", "alice")
+            assert await cloud.authenticate("rk-not-a-key") is None
+            [model] = await cloud.list_models()
+            assert (model.id, model.nodes, model.max_model_len) == ("tiny", 1, 2048)
+            status = await cloud.status()
+            assert (status.nodes_live, status.nodes_ready) == (1, 1)
+            request = {"model": "tiny", "prompt": ["Hi"], "temperature": 0.5}
+            receipts: list[Any] = []
+
+            async def node_side() -> None:
+                [lease] = await node.lease(5_000)
+                assert lease["request"]["temperature"] == "0.5"  # no floats on the wire
+                receipts.append(await node.run(lease, ["Hel", "lo"]))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(node_side)
+                await anyio.sleep(0.05)  # the node is waiting in its long poll
+                handle = await cloud.submit(
+                    account, JobSubmission("completion", "tiny", request, 500, 1))
+                events = [e async for e in cloud.events(handle)]
+            assert events == [TokenEvent(0, "Hel"), TokenEvent(0, "lo"),
+                              DoneEvent(0, "stop", 5, 2)]
+            [outcome] = receipts
+            assert outcome["charge"] == 1  # (5 * 100 + 2 * 200) / 1000 rounded up
+            balance = await http.request("GET", "/network/v1/accounts/alice",
+                                         headers={"authorization": f"Bearer {SERVICE}"})
+            assert balance.json() == {"account_id": "alice", "balance": 99_999, "reserved": 0}
+        finally:
+            await cloud.aclose()
+
+
+async def test_closing_the_event_stream_cancels_the_job_on_the_node() -> None:
+    async with deployment() as d, HTTPClient(d.server.url) as http:
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+        cloud = HTTPNetworkClient(d.server.url, SERVICE)
+        try:
+            account = await cloud.authenticate(d.alice_key)
+            assert account is not None
+            handle = await cloud.submit(account, JobSubmission(
+                "completion", "tiny", {"model": "tiny", "prompt": ["x"]}, 500, 1))
+            [lease] = await node.lease(1_000)
+            assert await node.post(JobEvent(handle.job_id, 0, "token", text="a",
+                                            token_ids=(1,))) == []
+            stream = cloud.events(handle)
+            first = await anext(stream)
+            assert first == TokenEvent(0, "a")
+            await stream.aclose()  # the Cloud's client went away
+            with anyio.fail_after(5):
+                while True:
+                    cancel = await node.post(JobEvent(handle.job_id, 1, "token", text="b",
+                                                      token_ids=(2,)))
+                    if cancel:
+                        break
+                    await anyio.sleep(0.02)
+            assert cancel == [lease["job_id"]]
+            job = d.app.coordinator.get_job(handle.job_id)
+            assert str(job.state) == "cancelled"
+            assert job.charge == 1  # one streamed token at 200 per 1k, rounded up
+        finally:
+            await cloud.aclose()
+
+
+async def test_auth_and_refusals() -> None:
+    async with deployment() as d, HTTPClient(d.server.url) as http:
+        # Node routes need a session; Cloud routes need the service token.
+        beat = Heartbeat("n", 1, None, "0.1", 0, 1, "ready").to_payload()
+        response = await http.request("POST", "/network/v1/nodes/heartbeat", json=beat)
+        assert response.status == 401
+        response = await http.request("POST", "/network/v1/nodes/heartbeat", json=beat,
+                                      headers={"authorization": "Bearer rns-forged"})
+        assert response.status == 401
+        for token in (None, "wrong"):
+            headers = {"authorization": f"Bearer {token}"} if token else {}
+            response = await http.request("GET", "/network/v1/status", headers=headers)
+            assert response.status == 401
+            assert response.json()["error"]["code"] == "invalid_service_token"
+        # A grant signed by a key that is not the account's: 403.
+        node_key = generate_key()
+        now = int(time.time())
+        grant = sign_grant(NodeGrant("bob", node_key.public_key, now, now + 60), generate_key())
+        request = RegisterRequest(node_key.public_key.hex, grant.to_payload(),
+                                  Capabilities(("tiny",), 1, "cpu"))
+        response = await http.request("POST", "/network/v1/nodes/register",
+                                       json=request.to_payload())
+        assert response.status == 403
+        assert response.json()["error"]["code"] == "admission_refused"
+        # Malformed bodies: 400 with a message, never a 500.
+        for body in (b"{", b'{"a": 1, "a": 2}', b"[]", b'{"_type": "register_request"}'):
+            response = await http.request("POST", "/network/v1/nodes/register", content=body)
+            assert response.status == 400, body
+            assert response.json()["error"]["message"]
+        # Submitting for an account without credits: the OpenAI 402.
+        service = {"authorization": f"Bearer {SERVICE}"}
+        created = await http.request("POST", "/network/v1/accounts", json={"account_id": "eve"},
+                                     headers=service)
+        assert created.status == 201
+        assert created.json()["api_key"].startswith("rk-")
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+        job = {"account_id": "eve", "model": "tiny", "request": {"prompt": "x"}, "reserve": 10}
+        response = await http.request("POST", "/network/v1/jobs", json=job, headers=service)
+        assert response.status == 402
+        assert response.json()["error"]["code"] == "insufficient_quota"
+        job["model"] = "nope"
+        response = await http.request("POST", "/network/v1/jobs", json=job, headers=service)
+        assert response.status == 404
+
+
+async def test_config_pointer_snapshot_and_bounded_long_poll() -> None:
+    async with deployment() as d, HTTPClient(d.server.url) as http:
+        pointer = await http.get_json("/network/v1/config")
+        assert pointer["config_hash"] == d.config_hash
+        snapshot = await http.get_json(f"/network/v1/config/{d.config_hash}")
+        assert canonical_digest(snapshot["signed"]) == d.config_hash
+        missing = await http.request("GET", "/network/v1/config/sha256:" + "0" * 64)
+        assert missing.status == 404
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+        started = anyio.current_time()
+        assert await node.lease(300) == []
+        assert 0.25 < anyio.current_time() - started < 3
+
+
+def test_decimalize_turns_floats_into_decimal_text() -> None:
+    assert decimalize({"t": 0.7, "b": {"5": -1.5}, "n": 2, "s": ["x", 1e-7]}) == {
+        "t": "0.7", "b": {"5": "-1.5"}, "n": 2, "s": ["x", "1e-07"]}
+    with pytest.raises(ValueError, match="finite"):
+        decimalize({"t": float("nan")})
+
+
+async def test_events_before_an_error_and_unknown_job() -> None:
+    async with deployment() as d, HTTPClient(d.server.url) as http:
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+        cloud = HTTPNetworkClient(d.server.url, SERVICE)
+        try:
+            account = await cloud.authenticate(d.alice_key)
+            assert account is not None
+            handle = await cloud.submit(account, JobSubmission(
+                "completion", "tiny", {"model": "tiny", "prompt": ["x"]}, 500, 1))
+            await node.lease(1_000)
+            await node.post(JobEvent(handle.job_id, 0, "token", text="a", token_ids=(1,)),
+                            JobEvent(handle.job_id, 1, "error", error="runtime crashed"))
+            events = [e async for e in cloud.events(handle)]
+            assert events[0] == TokenEvent(0, "a")
+            assert isinstance(events[1], ErrorEvent)
+            assert "runtime crashed" in events[1].error.message
+            response = await http.request(
+                "GET", "/network/v1/jobs/job-nope/events",
+                headers={"authorization": f"Bearer {SERVICE}"})
+            assert response.status == 404
+        finally:
+            await cloud.aclose()
