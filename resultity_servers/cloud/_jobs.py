@@ -152,10 +152,11 @@ class JobRun:
                 self.metrics.ttft.observe(self.first_token_at - self.started, self.route)
             self.completion_tokens += event.tokens
         elif isinstance(event, DoneEvent):
+            # Counts are for the whole job so far; the largest seen is the job's.
             if event.prompt_tokens is not None:
-                self.prompt_tokens = event.prompt_tokens
+                self.prompt_tokens = max(self.prompt_tokens or 0, event.prompt_tokens)
             if event.completion_tokens is not None:
-                self.usage_completion = event.completion_tokens
+                self.usage_completion = max(self.usage_completion or 0, event.completion_tokens)
         else:
             await self._end()
         return event
