@@ -412,8 +412,9 @@ class Coordinator(JobDesk):
         """Record a heartbeat; returns the node's state, the current config hash and the jobs
         it must abort.
 
-        Reporting the current config hash makes a syncing node ready; reporting status
-        ``draining`` drains it (no new work), any other status resumes it. Raises
+        A syncing node becomes ready when it reports the current config hash with status
+        ``ready``; a ready node reporting another hash or status ``syncing`` syncs again.
+        Status ``draining`` drains it (no new work); any other status resumes it. Raises
         NodeAuthError (dead node, or ``beat.node_id`` is not ``node_id``).
         """
         if beat.node_id != node_id:
@@ -426,9 +427,10 @@ class Coordinator(JobDesk):
                 state = apply_node_action(state, NodeAction.DRAIN)
             elif beat.status != "draining" and state == NodeState.DRAINING:
                 state = apply_node_action(state, NodeAction.RESUME)
-            if state == NodeState.SYNCING and current is not None and beat.config_hash == current:
+            synced = current is not None and beat.config_hash == current
+            if state == NodeState.SYNCING and synced and beat.status == "ready":
                 state = apply_node_action(state, NodeAction.CONFIG_APPLIED)
-            elif state == NodeState.READY and beat.config_hash != current:
+            elif state == NodeState.READY and (not synced or beat.status == "syncing"):
                 state = apply_node_action(state, NodeAction.CONFIG_CHANGED)
             tx.put_node(attrs.evolve(
                 node, state=state, last_heartbeat=now, config_hash=beat.config_hash,

@@ -150,11 +150,6 @@ class JobDesk:
             cap = min(cap, self._config[1].participation.max_concurrent_jobs)
         return cap
 
-    def _job_timeout(self) -> float:
-        if self._config is not None:
-            return self._config[1].network.request_timeout_ms / 1000
-        return self.settings.job_timeout_s
-
     def _payee(self, tx: StoreTx, job: JobRecord) -> str:
         node = tx.get_node(job.node_id) if job.node_id is not None else None
         return node.account_id if node is not None else PLATFORM_ACCOUNT
@@ -315,7 +310,7 @@ class JobDesk:
             if node.state != NodeState.READY:
                 return LeaseBatch(())
             self._dispatch(tx)
-            deadline = now + self._job_timeout()
+            deadline = now + self.settings.job_timeout_s
             for queued in tx.list_jobs([JobState.QUEUED], node_id=node_id, limit=max_jobs):
                 job = attrs.evolve(queued, state=apply_job_action(queued.state, JobAction.LEASE),
                                    attempts=queued.attempts + 1, deadline=deadline)
@@ -366,6 +361,9 @@ class JobDesk:
                         cancel.add(job.job_id)
                     continue
                 stream = self._stream(job)
+                if job.state == JobState.STREAMING and stream.next_seq == 0:
+                    # The Network restarted mid-stream: take the node's numbering from here.
+                    stream.next_seq = event.seq
                 if event.seq < stream.next_seq:
                     continue
                 if event.seq > stream.next_seq:

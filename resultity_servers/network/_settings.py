@@ -22,8 +22,8 @@ class CoordinatorSettings:
 
     ``heartbeat_timeout_s``: a node silent this long (no heartbeat, no lease request) is dead.
     ``queue_timeout_s``: a job not leased this long after submission fails (reservation
-    released). ``job_timeout_s``: a leased job must finish within this time (used when the
-    current NodeConfig gives no ``request_timeout_ms``). ``receipt_timeout_s``: a finished job
+    released). ``job_timeout_s``: a leased job must finish within this time of its lease (it
+    fails otherwise, charged for what streamed). ``receipt_timeout_s``: a finished job
     whose receipt has not arrived by then is settled on the usage the node streamed.
     ``max_attempts``: nodes a job may be leased to (a node dying before the first token
     costs one attempt). ``node_share_bps``: the node account's share of each charge in basis

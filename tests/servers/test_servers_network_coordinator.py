@@ -199,6 +199,11 @@ def test_node_is_ready_only_with_the_current_config(world: World) -> None:
     assert reply.state == NodeState.SYNCING
     assert reply.config_hash == new_hash
     assert world.c.snapshot(new_hash) is not None
+    assert world.beat(node_id, config_hash=new_hash, status="syncing").state == (
+        NodeState.SYNCING)  # has the config, not its models yet
+    assert world.beat(node_id, config_hash=new_hash).state == NodeState.READY
+    assert world.beat(node_id, config_hash=new_hash, status="syncing").state == (
+        NodeState.SYNCING)
     assert world.beat(node_id, config_hash=new_hash).state == NodeState.READY
     assert world.beat(node_id, config_hash=new_hash, status="draining").state == (
         NodeState.DRAINING)
@@ -586,9 +591,12 @@ def test_sqlite_restart_keeps_accounts_credits_jobs_and_receipts(tmp_path: Path)
     assert restarted.authenticate(world.alice_key) == "alice"
     assert restarted.account_balance("alice").balance == alice
     assert restarted.get_job(settled).settled
-    # The receipt of the job that was running when the Network stopped still settles it.
+    # The job that was running when the Network stopped streams on from where it was...
     world.c = restarted
-    restarted.submit_receipt(node, world.receipt(running, node, 3, 1), world.now)
+    world.tokens(running, node, 2, start=1)
+    assert [e.seq for e in restarted.job_events(running).events] == [0, 1]
+    # ...and its receipt still settles it.
+    restarted.submit_receipt(node, world.receipt(running, node, 3, 3), world.now)
     assert restarted.get_job(running).state == JobState.DONE
     assert world.conserved() == minted
     assert restarted.account_balance("alice").reserved == 0

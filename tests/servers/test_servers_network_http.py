@@ -107,7 +107,7 @@ class ScriptedNode:
         receipt = Receipt(job_id, self.node_id, lease["model"], canonical_digest(lease["request"]),
                           "sha256:" + "0" * 64, 5, len(words), int(time.time()))
         envelope = sign_receipt(receipt, self.key).to_payload()
-        return await self.http.post_json("/network/v1/nodes/receipt",
+        return await self.http.post_json("/network/v1/nodes/receipts",
                                          ReceiptSubmit(envelope).to_payload(),
                                          headers=self.auth())
 
@@ -255,6 +255,7 @@ async def test_config_pointer_snapshot_and_bounded_long_poll() -> None:
         assert pointer["config_hash"] == d.config_hash
         snapshot = await http.get_json(f"/network/v1/config/{d.config_hash}")
         assert canonical_digest(snapshot["signed"]) == d.config_hash
+        assert await http.get_json(f"/network/v1/snapshots/{d.config_hash}") == snapshot
         missing = await http.request("GET", "/network/v1/config/sha256:" + "0" * 64)
         assert missing.status == 404
         node = ScriptedNode(http, generate_key())
