@@ -1,0 +1,162 @@
+"""``NodeSettings`` and ``serve_node``: build an Agent from a data directory and run it.
+
+Data directory layout (created 0700)::
+
+    node.key            Ed25519 node key (``resultity keys generate``), unless key_path
+    grant.json          the account-signed NodeGrant envelope for that key, unless grant_path
+    root.json           the trust root envelope (first use), unless trust_root_path
+    trust-state.json    what the node trusts and has applied (rollback protection; 0600)
+    models/             model source: <name>/<version>/<files>, unless models_dir
+    installed/          verified model copies the Runtime loads
+    runtime/            the Runtime children's private working directories
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import anyio
+import attrs
+
+from resultity_core import (
+    Envelope,
+    NodeGrant,
+    NodeTrustState,
+    PayloadFormatError,
+    load_key_file,
+    load_trusted_root,
+)
+
+from ._agent import Agent, save_trust_state
+from ._errors import NodeError
+from ._models import LocalDirectorySource, Progress
+from ._sandbox import SandboxLimits
+from ._supervisor import RuntimeSpec
+from ._transport import HTTPNetworkTransport, NetworkTransport
+
+__all__ = ["NodeSettings", "build_agent", "log_progress", "serve_node"]
+
+log = logging.getLogger("resultity.node")
+
+
+@attrs.frozen
+class NodeSettings:
+    """Where a node keeps its files and how it runs (paths default into ``data_dir``).
+
+    ``trust_root_digest`` pins the first trust root (``sha256:...``); without it the root file
+    is trusted on first use. ``runtime_command`` replaces the Runtime child's command line
+    (tests, containers); ``runtime_env`` is added to its cleared environment.
+    """
+
+    network_url: str
+    data_dir: Path = attrs.field(converter=Path)
+    key_path: Path | None = None
+    grant_path: Path | None = None
+    trust_root_path: Path | None = None
+    trust_root_digest: str | None = None
+    models_dir: Path | None = None
+    max_concurrent_jobs: int = 4
+    device: str = "cpu"
+    lease_wait_ms: int = 20_000
+    runtime_threads: int = 0
+    runtime_command: tuple[str, ...] | None = None
+    runtime_env: Mapping[str, str] = attrs.field(factory=dict)
+    network_namespace: bool = True
+    health_interval_s: float = 5.0
+    progress: Progress | None = attrs.field(default=None, eq=False)
+
+    def path(self, given: Path | None, default: str) -> Path:
+        """Return ``given`` or ``data_dir / default``."""
+        return Path(given) if given is not None else self.data_dir / default
+
+
+def log_progress() -> Progress:
+    """Return a progress callback that logs each file's hashing at 0, 25, 50, 75, 100 %."""
+    shown: dict[tuple[str, str], int] = {}
+
+    def progress(model: str, path: str, done: int, total: int) -> None:
+        step = 100 if total == 0 else done * 4 // total * 25
+        if shown.get((model, path), -1) < step:
+            shown[(model, path)] = step
+            log.info("checking %s %s: %d%% of %d bytes", model, path, step, total)
+
+    return progress
+
+
+def _load_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NodeError(f"{what} {path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise NodeError(f"{what} {path}: cannot read: {exc}") from None
+
+
+def _load_trust(settings: NodeSettings, node_id: str, state_path: Path) -> NodeTrustState:
+    if state_path.exists():
+        state = _load_json(state_path, "trust state")
+        if not isinstance(state, dict):
+            raise NodeError(f"trust state {state_path}: not a JSON object")
+        trust = NodeTrustState.restore(state)
+        if trust.node_id != node_id:
+            raise NodeError(f"trust state {state_path} belongs to node {trust.node_id[:12]}")
+        return trust
+    root_path = settings.path(settings.trust_root_path, "root.json")
+    root_json = _load_json(root_path, "trust root")
+    root = load_trusted_root(Envelope.from_payload(root_json), int(time.time()),
+                             pinned_digest=settings.trust_root_digest)
+    trust = NodeTrustState(root, node_id=node_id)
+    save_trust_state(trust, state_path)
+    return trust
+
+
+def build_agent(settings: NodeSettings, transport: NetworkTransport | None = None) -> Agent:
+    """Return an Agent for ``settings`` (files loaded and checked, nothing started).
+
+    Raises KeyFileError for the key, NodeError for a missing or unreadable grant, trust root
+    or state file, PayloadFormatError for a grant that is not for this node's key, and the
+    core's errors for a trust root that does not verify.
+    """
+    data = settings.data_dir
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = load_key_file(settings.path(settings.key_path, "node.key"))
+    grant_json = _load_json(settings.path(settings.grant_path, "grant.json"), "grant")
+    grant = Envelope.from_payload(grant_json)
+    parsed = NodeGrant.from_payload(grant.signed)
+    if parsed.node_public != key.public_key:
+        raise PayloadFormatError("grant.node_public", "is not this node's key")
+    state_path = data / "trust-state.json"
+    trust = _load_trust(settings, key.keyid, state_path)
+    runtime = RuntimeSpec(
+        workdir=data / "runtime", command=settings.runtime_command,
+        limits=SandboxLimits(network_namespace=settings.network_namespace),
+        threads=settings.runtime_threads, extra_env=dict(settings.runtime_env),
+        health_interval_s=settings.health_interval_s,
+    )
+    return Agent(
+        key=key, grant=grant, trust=trust,
+        transport=transport or HTTPNetworkTransport(settings.network_url),
+        source=LocalDirectorySource(settings.path(settings.models_dir, "models")),
+        install_dir=data / "installed", state_path=state_path, runtime=runtime,
+        max_concurrent_jobs=settings.max_concurrent_jobs, device=settings.device,
+        lease_wait_ms=settings.lease_wait_ms,
+        progress=settings.progress or log_progress(),
+    )
+
+
+async def serve_node(settings: NodeSettings, transport: NetworkTransport | None = None) -> None:
+    """Run a node (Agent and Runtime children) until cancelled.
+
+    Raises what ``build_agent`` raises, and RegistrationError when the Network refuses the
+    node's grant or challenge.
+    """
+    agent = build_agent(settings, transport)
+    try:
+        await agent.run()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await agent.transport.aclose()
