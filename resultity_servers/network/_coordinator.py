@@ -153,6 +153,8 @@ class Coordinator(JobDesk):
     def __init__(self, store: Store, settings: CoordinatorSettings | None = None) -> None:
         super().__init__(store, settings or CoordinatorSettings())
         self._pending: dict[str, _Pending] = {}
+        # session digest -> (node id, expiry) of live nodes, so a node request costs no query.
+        self._sessions: dict[str, tuple[str, float]] = {}
         with store.transaction() as tx:
             snap = tx.current_snapshot()
         if snap is not None:
@@ -363,6 +365,7 @@ class Coordinator(JobDesk):
             raise AdmissionError("the challenge signature does not verify") from None
         token = _SESSION_PREFIX + secrets.token_urlsafe(32)
         node_id = response.node_id
+        self._forget_sessions(node_id)
         with self._store.transaction() as tx:
             old = tx.get_node(node_id)
             state = NodeState.REGISTERING
@@ -390,6 +393,9 @@ class Coordinator(JobDesk):
         if not isinstance(token, str) or not token.startswith(_SESSION_PREFIX):
             raise NodeAuthError("missing or malformed node session token")
         digest = hash_secret(token)
+        cached = self._sessions.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         with self._store.transaction() as tx:
             node = tx.node_by_session(digest)
         if node is None or node.session_hash is None or not hmac.compare_digest(
@@ -400,7 +406,12 @@ class Coordinator(JobDesk):
             raise NodeAuthError("node session expired (register again)")
         if node.state == NodeState.DEAD:
             raise NodeAuthError("node was marked dead (register again)")
+        self._sessions[digest] = (node.node_id, node.session_expires)
         return node.node_id
+
+    def _forget_sessions(self, node_id: str) -> None:
+        for digest in [d for d, (n, _) in self._sessions.items() if n == node_id]:
+            del self._sessions[digest]
 
     def _live_node(self, tx: StoreTx, node_id: str) -> NodeRecord:
         node = tx.get_node(node_id)
@@ -452,13 +463,14 @@ class Coordinator(JobDesk):
         self._expire_challenges(now)
         with self._store.transaction() as tx:
             for node in tx.list_nodes():
-                if (node.state != NodeState.DEAD
-                        and node.last_heartbeat + self.settings.heartbeat_timeout_s < now):
+                seen = max(node.last_heartbeat, self._last_seen.get(node.node_id, 0.0))
+                if node.state != NodeState.DEAD and seen + self.settings.heartbeat_timeout_s < now:
                     self._lose_node_jobs(tx, node, "the node stopped sending heartbeats", now)
                     tx.put_node(attrs.evolve(
                         node, state=apply_node_action(node.state, NodeAction.TIMEOUT),
                         session_hash=None,
                     ))
+                    self._forget_sessions(node.node_id)
             for job in tx.list_jobs([JobState.QUEUED]):
                 if job.created + self.settings.queue_timeout_s < now:
                     self._end(tx, job, JobAction.FAIL,

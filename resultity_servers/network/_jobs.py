@@ -121,6 +121,9 @@ class JobDesk:
         self._pending_cancels: dict[str, set[str]] = {}
         self._woken_nodes: set[str] = set()
         self._woken_jobs: set[str] = set()
+        # Signs of life between heartbeats (lease polls, event posts): kept in memory so that
+        # a poll costs no disk write; a heartbeat writes ``last_heartbeat`` to the store.
+        self._last_seen: dict[str, float] = {}
 
     # --- wake-ups for the I/O driver ----------------------------------------------------------
 
@@ -306,7 +309,7 @@ class JobDesk:
         leases = []
         with self._store.transaction() as tx:
             node = self._live_node(tx, node_id)
-            tx.put_node(attrs.evolve(node, last_heartbeat=now))
+            self._last_seen[node_id] = now
             if node.state != NodeState.READY:
                 return LeaseBatch(())
             self._dispatch(tx)
@@ -348,6 +351,7 @@ class JobDesk:
         error: ResultityError | None = None
         with self._store.transaction() as tx:
             node = self._live_node(tx, node_id)
+            self._last_seen[node_id] = now
             for event in events:
                 job = tx.get_job(event.job_id)
                 if job is None:

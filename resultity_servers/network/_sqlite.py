@@ -184,6 +184,8 @@ class SQLiteStore(Store, StoreTx):
     def transaction(self) -> Iterator[StoreTx]:
         if self._in_tx:
             raise RuntimeError("SQLiteStore transactions do not nest")
+        # IMMEDIATE: the write lock is taken up front, so another process writing the same
+        # file (an operator's CLI) waits on busy_timeout instead of failing mid-transaction.
         self._db.execute("BEGIN IMMEDIATE")
         self._in_tx = True
         try:

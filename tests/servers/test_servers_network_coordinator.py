@@ -79,6 +79,7 @@ class World:
         _, self.alice_key = self.c.create_account(self.now, account_id="alice",
                                                   initial_credits=1_000_000)
         self.node_keys: dict[str, SecretKey] = {}
+        self.sessions: dict[str, str] = {}
 
     def grant(self, node_key: SecretKey, *, account_key: SecretKey | None = None,
               account: str = "bob", expires_in: int = 3600) -> dict[str, Any]:
@@ -95,6 +96,7 @@ class World:
         session = self.c.complete_registration(
             ChallengeResponse(node_key.keyid, signature), self.now)
         self.node_keys[session.node_id] = node_key
+        self.sessions[session.node_id] = session.token
         assert session.state == NodeState.SYNCING
         assert self.c.authenticate_node(session.token, self.now) == session.node_id
         return session.node_id
@@ -389,7 +391,10 @@ def test_dead_node_before_first_token_requeues_on_another_node(world: World) -> 
     [lease] = world.c.lease(second, 1, world.now).leases
     assert lease.job_id == job_id
     assert world.c.get_job(job_id).attempts == 2
-    # The dead node's late events and receipt are refused.
+    # The dead node's session, late events and receipt are refused.
+    with pytest.raises(NodeAuthError):
+        world.c.authenticate_node(world.sessions[first], world.now)
+    assert world.c.authenticate_node(world.sessions[second], world.now) == second
     with pytest.raises(NodeAuthError):
         world.tokens(job_id, first, 1)
     with pytest.raises(ReceiptError):
@@ -564,7 +569,10 @@ def test_reregistering_live_node_requeues_its_unstarted_jobs(world: World) -> No
     node = world.admit()
     job_id = world.submit()
     world.c.lease(node, 1, world.now)
+    old_session = world.sessions[node]
     world.register(world.node_keys[node])  # the Agent restarted
+    with pytest.raises(NodeAuthError):
+        world.c.authenticate_node(old_session, world.now)
     job = world.c.get_job(job_id)
     assert job.state == JobState.QUEUED
     assert job.node_id is None
