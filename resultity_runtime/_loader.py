@@ -151,10 +151,13 @@ def load_weights(
     config: ModelConfig,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    *,
+    prepack: bool = True,
 ) -> LlamaForCausalLM:
     """Return the model with its weights read from the directory's safetensors files.
 
-    q/k/v and gate/up are concatenated into the fused projections. Raises ModelLoadError
+    q/k/v and gate/up are concatenated into the fused projections; with ``prepack``, a
+    bfloat16 model on CPU gets oneDNN-prepacked projections. Raises ModelLoadError
     naming the file and tensor (missing file or tensor, unexpected shape, corrupt file).
     """
     get = _reader(Path(model_dir))
@@ -188,18 +191,24 @@ def load_weights(
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.requires_grad_(False)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if prepack:
+        model.prepack_cpu_weights()
+    return model
 
 
 def load_model(
     model_dir: str | Path,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = None,
+    *,
+    prepack: bool = True,
 ) -> LoadedModel:
     """Return (model, config, tokenizer) loaded from a Hugging Face model directory.
 
-    ``dtype`` follows resolve_dtype. Raises ModelLoadError naming the file (and tensor or
-    field) for a bad directory, ValueError for an unsupported device/dtype.
+    ``dtype`` follows resolve_dtype; ``prepack`` as in load_weights. Raises ModelLoadError
+    naming the file (and tensor or field) for a bad directory, ValueError for an unsupported
+    device/dtype.
     """
     path = Path(model_dir)
     if not path.is_dir():
@@ -207,5 +216,5 @@ def load_model(
     config = load_config(path)
     run_dtype = resolve_dtype(device, dtype, config)
     tokenizer = load_tokenizer(path, config)
-    model = load_weights(path, config, device, run_dtype)
+    model = load_weights(path, config, device, run_dtype, prepack=prepack)
     return LoadedModel(model, config, tokenizer)

@@ -240,13 +240,22 @@ def test_tiny_preset_matches_transformers(tiny_model_dir: Path) -> None:
 def test_bfloat16_close_to_float32(tiny_model_dir: Path) -> None:
     config = load_config(tiny_model_dir)
     f32 = load_weights(tiny_model_dir, config, dtype=torch.float32)
-    b16 = load_weights(tiny_model_dir, config, dtype=torch.bfloat16)
+    b16 = load_weights(tiny_model_dir, config, dtype=torch.bfloat16, prepack=False)
     assert b16.embed_tokens.weight.dtype == torch.bfloat16
+    assert not f32.prepack_cpu_weights()  # only bfloat16 models are packed
     prompt = _prompts(config.vocab_size, [30])[0]
     a = PagedRunner(f32).step([(0, prompt)])[0]
     b = PagedRunner(b16).step([(0, prompt)])[0]
     assert b.dtype == torch.float32  # compute_logits always returns float32
     assert (a - b).abs().max().item() < 0.1
+    if b16.prepack_cpu_weights():  # oneDNN available: the packed matmuls agree
+        assert b16.layers[0].qkv_proj.packed is not None
+        runner = PagedRunner(b16)
+        c = runner.step([(0, prompt)])[0]
+        assert (b - c).abs().max().item() < 0.05
+        assert (a - c).abs().max().item() < 0.1
+        decode = runner.step([(0, [int(c[-1].argmax())])])[0]
+        assert torch.isfinite(decode).all()
 
 
 @pytest.mark.gpu
