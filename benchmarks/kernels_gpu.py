@@ -10,7 +10,8 @@ TFLOP/s (attention) or GB/s (memory-bound kernels), the speed-up over PyTorch, a
 of the device's own measured ceilings: a large device-to-device copy (bandwidth) and a large bf16
 matmul (compute). PyTorch paths: scaled_dot_product_attention for prefill (seq 4k-16k);
 gather-then-SDPA (the engine's torch backend) for paged decode (context 4k, batch 32); a
-sort-based top-k/top-p/min-p for sampling (vocab 128k, batch 64); index_copy_ for the KV write.
+sort-based top-k/top-p/min-p for sampling (vocab 128k, batch 64); index_copy_ for the KV write;
+the unfused torch ops for RMSNorm + residual and rotary embedding.
 Prefill also sweeps a few tile configurations and reports the best. With the environment
 variable OUT set, the results are written to $OUT/kernels_gpu.json as well. Without a CUDA
 device it prints a message and exits with status 0.
@@ -196,6 +197,50 @@ def bench_kv_write(n: int, hkv: int, d: int, *, iters: int) -> Row:
     }
 
 
+# ---- RMSNorm + residual, rotary ------------------------------------------------------------------
+
+def bench_rms_norm(n: int, hidden: int, *, iters: int) -> Row:
+    from resultity_kernels import rms_norm, rms_norm_ref
+
+    dt = torch.bfloat16
+    x = torch.randn(n, hidden, dtype=dt, device="cuda")
+    res = torch.randn_like(x)
+    w = torch.rand(hidden, dtype=dt, device="cuda") + 0.5
+    out, new_res = rms_norm(x, w, 1e-5, res)
+    ref, ref_res = rms_norm_ref(x, w, 1e-5, res)
+    err = rel_err(out, ref)
+    ok = err < 2e-2 and new_res is not None and torch.equal(new_res, ref_res)
+    t = bench(lambda: rms_norm(x, w, 1e-5, res), iters=iters)
+    t_ref = bench(lambda: rms_norm_ref(x, w, 1e-5, res), iters=iters)
+    nbytes = 4 * x.numel() * 2  # read x and residual, write out and the new residual
+    return {
+        "kernel": "rms_norm(+residual)", "shape": f"N{n} H{hidden}", "baseline": "torch add+norm",
+        "ms": t, "ms_torch": t_ref, "gbps": nbytes / (t * 1e-3) / 1e9,
+        "gbps_torch": nbytes / (t_ref * 1e-3) / 1e9, "rel_err": err, "ok": ok,
+    }
+
+
+def bench_rotary(n: int, hq: int, hkv: int, d: int, *, iters: int) -> Row:
+    from resultity_kernels import apply_rotary, apply_rotary_ref
+
+    dt = torch.bfloat16
+    qk = torch.randn(n, hq + hkv, d, dtype=dt, device="cuda")
+    pos = torch.randint(0, 8192, (n,), device="cuda")
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    a, b = qk.clone(), qk.clone()
+    apply_rotary(a[:, :hq], a[:, hq:], pos, inv_freq)
+    apply_rotary_ref(b[:, :hq], b[:, hq:], pos, inv_freq)
+    err = rel_err(a, b)
+    t = bench(lambda: apply_rotary(a[:, :hq], a[:, hq:], pos, inv_freq), iters=iters)
+    t_ref = bench(lambda: apply_rotary_ref(b[:, :hq], b[:, hq:], pos, inv_freq), iters=iters)
+    nbytes = 2 * qk.numel() * 2
+    return {
+        "kernel": "apply_rotary", "shape": f"N{n} Hq{hq} Hkv{hkv} D{d}", "baseline": "torch",
+        "ms": t, "ms_torch": t_ref, "gbps": nbytes / (t * 1e-3) / 1e9,
+        "gbps_torch": nbytes / (t_ref * 1e-3) / 1e9, "rel_err": err, "ok": err < 2e-2,
+    }
+
+
 # ---- sampling ----------------------------------------------------------------------------------
 
 def _torch_sort_sampler(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
@@ -276,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     rows.extend(bench_decode(*shape, iters=iters) for shape in decode_shapes)
     rows.append(bench_kv_write(64, 8, 128, iters=iters))
     rows.append(bench_kv_write(16384, 8, 128, iters=iters))
+    for n in (64, 16384):
+        rows.append(bench_rms_norm(n, 4096, iters=iters))
+        rows.append(bench_rotary(n, 32, 8, 128, iters=iters))
     for k, p, mp in [(50, 0.9, 0.0), (0, 0.95, 0.0), (0, 1.0, 0.05), (0, 1.0, 0.0)]:
         rows.append(bench_sampling(64, 131072, k, p, mp, iters=iters))
 

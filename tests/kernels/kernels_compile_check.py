@@ -24,6 +24,8 @@ from triton.runtime.jit import JITFunction
 from resultity_kernels import _decode_attention as dec
 from resultity_kernels import _kv_cache_write as kvw
 from resultity_kernels import _prefill_attention as pre
+from resultity_kernels import _rms_norm as rms
+from resultity_kernels import _rotary as rot
 from resultity_kernels import _sampling as smp
 
 
@@ -35,7 +37,7 @@ def compile_ptx(lazy, pointer_types, constexprs, **options) -> str:
         elif name.endswith("_ptr"):
             signature[name] = pointer_types.get(name, "*i32")
         else:
-            signature[name] = "fp32" if name.endswith("scale") else "i32"
+            signature[name] = "fp32" if name.endswith(("scale", "eps")) else "i32"
     src = ASTSource(fn=JITFunction(lazy.fn), signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
@@ -69,9 +71,19 @@ def cases():
                {"BLOCK": 2048, "MAX_ITERS": 64}, {"num_warps": 8})
 
 
+def more_cases():
+    for residual in (True, False):
+        ptrs = dict.fromkeys(("x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"), "*bf16")
+        yield (f"rms-norm-residual{residual}", rms._rms_norm_kernel, ptrs,
+               {"HAS_RESIDUAL": residual, "BLOCK": 4096}, {"num_warps": 16})
+    yield ("rotary", rot._rotary_kernel,
+           {"x_ptr": "*bf16", "pos_ptr": "*i64", "inv_freq_ptr": "*fp32"},
+           {"BLOCK_H": 32, "BLOCK_HALF": 64}, {"num_warps": 4})
+
+
 def main() -> int:
     results = {}
-    for name, lazy, ptrs, consts, options in cases():
+    for name, lazy, ptrs, consts, options in [*cases(), *more_cases()]:
         try:
             ptx = compile_ptx(lazy, ptrs, consts, **options)
             results[name] = {"ok": True, "wgmma": "wgmma" in ptx}
