@@ -139,6 +139,7 @@ class NetworkApp:
         self.tick_interval_s = tick_interval_s
         self.keepalive_s = keepalive_s
         self._service_token = service_token.encode()
+        self.closing = False
         self._node_waiters: dict[str, anyio.Event] = {}
         self._job_waiters: dict[str, anyio.Event] = {}
         self.router = Router()
@@ -223,6 +224,13 @@ class NetworkApp:
                 if event is not None:
                     event.set()
 
+    def begin_shutdown(self) -> None:
+        """End lease long polls now (they answer empty); job streams run to their end."""
+        self.closing = True
+        for event in self._node_waiters.values():
+            event.set()
+        self._node_waiters.clear()
+
     @staticmethod
     def _waiter(waiters: dict[str, anyio.Event], name: str) -> anyio.Event:
         event = waiters.get(name)
@@ -275,7 +283,7 @@ class NetworkApp:
             waiter = self._waiter(self._node_waiters, node_id)
             batch = self.coordinator.lease(node_id, message.max_jobs, self.clock())
             remaining = deadline - anyio.current_time()
-            if batch.leases or remaining <= 0:
+            if batch.leases or remaining <= 0 or self.closing:
                 break
             with anyio.move_on_after(min(remaining, slice_s)):
                 await waiter.wait()

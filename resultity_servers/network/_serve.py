@@ -107,7 +107,11 @@ async def running_network(
             try:
                 yield server, app
             finally:
-                await server.shutdown()
+                # Shielded: even when cancelled (Ctrl-C), in-flight job streams get
+                # ``shutdown_timeout_s`` to finish; lease long polls answer at once.
+                app.begin_shutdown()
+                with anyio.CancelScope(shield=True):
+                    await server.shutdown()
                 tg.cancel_scope.cancel()
     finally:
         if own:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -38,12 +42,14 @@ from resultity_servers.cloud import (
     TokenEvent,
 )
 from resultity_servers.network import (
+    DB_FILE,
     Coordinator,
     MemoryStore,
     NetworkApp,
     NetworkSettings,
     decimalize,
     running_network,
+    serve_network,
 )
 
 pytestmark = pytest.mark.anyio
@@ -295,3 +301,56 @@ async def test_events_before_an_error_and_unknown_job() -> None:
             assert response.status == 404
         finally:
             await cloud.aclose()
+
+
+async def test_serve_network_restart_keeps_accounts_and_credits(tmp_path: Path) -> None:
+    settings = NetworkSettings(port=0, service_token=SERVICE, data_dir=str(tmp_path / "net"))
+    service = {"authorization": f"Bearer {SERVICE}"}
+    for restart in (False, True):
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(functools.partial(serve_network, settings))
+            async with HTTPClient(f"http://127.0.0.1:{port}") as http:
+                health = await http.request("GET", "/network/v1/health")
+                assert health.status == 503  # no config published yet
+                if not restart:
+                    created = await http.request("POST", "/network/v1/accounts", headers=service,
+                                                 json={"account_id": "alice", "credits": 500})
+                    key = created.json()["api_key"]
+                    await http.post_json("/network/v1/accounts/alice/credit", {"amount": 25},
+                                         headers=service)
+                account = await http.get_json("/network/v1/accounts/alice", headers=service)
+                assert account == {"account_id": "alice", "balance": 525, "reserved": 0}
+                auth = await http.post_json("/network/v1/auth", {"api_key": key},
+                                            headers=service)
+                assert auth["account_id"] == "alice"
+            tg.cancel_scope.cancel()
+    assert (tmp_path / "net" / DB_FILE).exists()
+
+
+def test_public_surface_imports_without_torch() -> None:
+    import resultity_servers.network as network
+
+    for name in network.__all__:
+        assert hasattr(network, name), name
+    code = ("import sys, resultity_servers.network; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_shutdown_ends_lease_long_polls_at_once() -> None:
+    results: list[Any] = []
+    started = 0.0
+    async with deployment() as d, HTTPClient(d.server.url) as http:
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+
+        async def poll() -> None:
+            results.append(await node.lease(15_000))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poll)
+            await anyio.sleep(0.1)
+            started = anyio.current_time()
+            d.app.begin_shutdown()
+    assert results == [[]]
+    assert anyio.current_time() - started < 3
