@@ -135,3 +135,15 @@ def test_sampling_rejects_bad_arguments():
         sampling_probs_ref(x.double(), 1.0)
     with pytest.raises(ValueError, match="logits"):
         sampling_probs_ref(x[0], 1.0)
+
+
+def test_reference_matches_the_engine_sampler_semantics():
+    from resultity_runtime._sampling import SamplingParams, _truncated_probs
+
+    rows = [r for r in _ROWS if r[0] > 0]
+    x = _logits(len(rows), 500, torch.device("cpu"), torch.float32, 5)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=mp) for t, k, p, mp in rows]
+    engine = _truncated_probs(x.clone(), params)
+    ours = sampling_probs_ref(x, *_params(rows, torch.device("cpu")))
+    assert torch.equal(engine > 0, ours > 0)
+    assert torch.allclose(engine, ours, atol=1e-6)
