@@ -76,6 +76,18 @@ def save_trust_state(trust: NodeTrustState, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _first(group: BaseExceptionGroup[Any], kind: type[RegistrationError]
+           ) -> RegistrationError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, kind):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first(exc, kind)
+            if found is not None:
+                return found
+    return None
+
+
 @attrs.define(eq=False)
 class _Served:
     entry: ModelEntry
@@ -155,15 +167,21 @@ class Agent:
 
     async def run(self) -> None:
         """Register and serve until cancelled. Raises RegistrationError when refused."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            config = self.config
-            if config is not None and self.clock() < config.expires_at:
-                await self._apply_models(config)
-            await self._register()
-            tg.start_soon(self._heartbeat_loop)
-            tg.start_soon(self._lease_loop)
-            tg.start_soon(self._outbox_loop)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                config = self.config
+                if config is not None and self.clock() < config.expires_at:
+                    await self._apply_models(config)
+                await self._register()
+                tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(self._lease_loop)
+                tg.start_soon(self._outbox_loop)
+        except BaseExceptionGroup as group:
+            refused = _first(group, RegistrationError)
+            if refused is not None:
+                raise refused from None
+            raise
 
     async def _register(self) -> None:
         attempt = 0
