@@ -147,7 +147,10 @@ class Tokenizer:
         self._literal_re = re.compile("|".join(map(re.escape, literal))) if literal else None
         self._space_mark_ids: list[int] | None = None
         pieces = [sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode()]
-        if all(sp.is_byte(p) for p in pieces):
+        # with a dummy prefix (Llama 2 style models) every encoded segment starts with a
+        # space marker, so splitting text around U+2581 would add spaces: keep it whole there
+        dummy_prefix = str(sp.encode("a", out_type=str)[0]).startswith(_SPACE_MARK)
+        if all(sp.is_byte(p) for p in pieces) and not dummy_prefix:
             self._space_mark_ids = pieces
 
     def _encode_plain(self, text: str) -> list[int]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -129,3 +131,26 @@ def test_template_errors(tok: Tokenizer, tiny_model_dir: Path, tmp_path: Path) -
     no_template.chat_template = None
     with pytest.raises(ChatTemplateError, match="chat_template: missing"):
         no_template.encode_chat(MESSAGES)
+
+
+def test_llama2_style_model_with_dummy_prefix(tmp_path: Path) -> None:
+    # the sentencepiece options of Llama 2 / Mistral tokenizers: a dummy "▁" prefix
+    buf = io.BytesIO()
+    lines = [f"the node {i} streams tokens to the cloud and the network" for i in range(300)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=300,
+        byte_fallback=True, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, num_threads=1, minloglevel=2,
+    )
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAMA2_TEMPLATE}))
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("the node streams")
+    assert tok.id_to_piece(ids[0]).startswith("\u2581")
+    assert tok.decode(ids) == "the node streams"
+    assert tok.decode(tok.encode("a\u2581b")) in {"a\u2581b", "a b"}  # sentencepiece's own rule
+    chat = tok.encode_chat([{"role": "user", "content": "the cloud"}])
+    assert chat[0] == tok.bos_id
+    assert chat.count(tok.bos_id) == 1
+    assert tok.decode(chat) == "[INST] the cloud [/INST]"
