@@ -287,6 +287,7 @@ class Coordinator(JobDesk):
                 if node.state == NodeState.READY and node.config_hash != digest:
                     tx.put_node(attrs.evolve(
                         node, state=apply_node_action(node.state, NodeAction.CONFIG_CHANGED)))
+                    self._unassign_queued(tx, node.node_id)
         self._config = (digest, config)
         return digest
 
@@ -447,6 +448,8 @@ class Coordinator(JobDesk):
                 node, state=state, last_heartbeat=now, config_hash=beat.config_hash,
                 active_jobs=beat.active_jobs, free_slots=beat.free_slots,
             ))
+            if state != NodeState.READY:
+                self._unassign_queued(tx, node_id)
             self._dispatch(tx)
         cancel = tuple(sorted(self._pending_cancels.pop(node_id, set())))
         return HeartbeatReply(state, current, cancel)

@@ -210,9 +210,13 @@ class JobDesk:
                 load[best.node_id] = load.get(best.node_id, 0) + 1
                 self._woken_nodes.add(best.node_id)
 
+    def _unassign_queued(self, tx: StoreTx, node_id: str) -> None:
+        """Take back the jobs queued for a node that stopped taking work (they re-route)."""
+        for job in tx.list_jobs([JobState.QUEUED], node_id=node_id):
+            tx.update_job(attrs.evolve(job, node_id=None))
+
     def _lose_node_jobs(self, tx: StoreTx, node: NodeRecord, reason: str, now: float) -> None:
         """Requeue the node's jobs that have no output yet; fail the ones mid-stream."""
-        self._pending_cancels.pop(node.node_id, None)
         for job in tx.list_jobs(ACTIVE_JOB_STATES, node_id=node.node_id):
             if job.state == JobState.QUEUED:
                 tx.update_job(attrs.evolve(job, node_id=None))
@@ -230,6 +234,7 @@ class JobDesk:
                 self._end(tx, job, JobAction.FAIL,
                           f"the node serving this job failed mid-stream after {produced} "
                           f"token(s): {reason}", now)
+        self._pending_cancels.pop(node.node_id, None)
 
     # --- submit, lease ------------------------------------------------------------------------
 

@@ -406,6 +406,33 @@ def test_dead_node_before_first_token_requeues_on_another_node(world: World) -> 
     world.conserved()
 
 
+def test_draining_node_gives_back_its_queued_jobs(world: World) -> None:
+    first = world.admit(max_batch=1)
+    world.submit()
+    waiting = world.submit()
+    assert world.c.get_job(waiting).node_id is None
+    second = world.admit(max_batch=1)
+    assert world.c.get_job(waiting).node_id == second
+    assert world.beat(second, status="draining").state == NodeState.DRAINING
+    assert world.c.get_job(waiting).node_id is None
+    assert world.c.lease(second, 1, world.now).leases == ()
+    assert world.beat(second).state == NodeState.READY
+    assert world.c.get_job(waiting).node_id == second
+    assert first != second
+
+
+def test_leases_that_never_reached_the_node_go_back_uncounted(world: World) -> None:
+    node = world.admit()
+    job_id = world.submit()
+    world.c.lease(node, 1, world.now)
+    world.c.return_leases(node, [job_id, "job-unknown"], world.now)
+    job = world.c.get_job(job_id)
+    assert (job.state, job.attempts, job.node_id) == (JobState.QUEUED, 0, node)
+    [lease] = world.c.lease(node, 1, world.now).leases
+    assert lease.job_id == job_id
+    assert world.c.get_job(job_id).attempts == 1
+
+
 def test_requeue_stops_after_max_attempts(network_store: Store) -> None:
     world = World(network_store, max_attempts=1)
     node = world.admit()
