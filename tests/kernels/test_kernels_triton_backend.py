@@ -54,3 +54,57 @@ def test_mixed_prefill_step_matches_torch_backend(target):
 
 def test_backend_name():
     assert triton_backend.TritonAttentionBackend.name == "triton"
+
+
+def _tiny_model(device, dtype):
+    from resultity_runtime._config import parse_config
+    from resultity_runtime._model import LlamaForCausalLM
+
+    config = parse_config({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "float32",
+    })
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.to(device=device, dtype=dtype).eval(), config
+
+
+def test_model_steps_give_the_same_logits_on_both_backends(target):
+    """Prefill (one chunk over a cached prefix), then decode steps, teacher-forced."""
+    device, dtype, tol = target
+    model, config = _tiny_model(device, dtype)
+    page, hkv, d = 16, config.num_key_value_heads, config.head_dim
+    tables = [[3, 0, 5], [1, 4]]
+    backends = {"triton": triton_backend.TritonAttentionBackend(),
+                "torch": TorchAttentionBackend()}
+    caches = {name: [(torch.zeros(6, page, hkv, d, device=device, dtype=dtype),
+                      torch.zeros(6, page, hkv, d, device=device, dtype=dtype))
+                     for _ in range(config.num_hidden_layers)] for name in backends}
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (n,), generator=gen) for n in (33, 17)]
+    # steps: (query_lens, seq_lens); sequence 0 is prefilled in two chunks (20 + 13)
+    steps = [([20, 17], [20, 17]), ([13, 1], [33, 18]), ([1, 1], [34, 19]), ([1, 1], [35, 20])]
+    tokens = [list(prompts[0]), [*prompts[1].tolist(), 50]]
+    for step, (q_lens, s_lens) in enumerate(steps):
+        ids, pos = [], []
+        for i, (q, s) in enumerate(zip(q_lens, s_lens, strict=True)):
+            while len(tokens[i]) < s:
+                tokens[i].append(int(7 + 11 * step + i))
+            ids += [int(t) for t in tokens[i][s - q:s]]
+            pos += list(range(s - q, s))
+        meta = build_metadata(q_lens, s_lens, tables, page, device)
+        logits = {}
+        for name, backend in backends.items():
+            with torch.inference_mode():
+                hidden = model(torch.tensor(ids, device=device), torch.tensor(pos, device=device),
+                               caches[name], meta, backend)
+                logits[name] = model.compute_logits(hidden)
+        err = rel_err(logits["triton"], logits["torch"])
+        assert err < tol * 4, f"step {step}: relative error {err}"
