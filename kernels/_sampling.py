@@ -224,8 +224,11 @@ def sample(
     those with ``logits >= threshold`` (for greedy rows, the maximum). Returns int64 token ids
     [M].
 
+    Parameter values are trusted (validate them with SamplingParams first): checking tensor
+    values here would cost a device sync.
+
     Raises:
-        ValueError: a shape, dtype or device does not fit, or a parameter is out of range.
+        ValueError: a shape, dtype or device does not fit (the message names the argument).
         KernelUnavailableError: triton is not installed.
     """
     logits = _check_logits(logits)
