@@ -55,7 +55,7 @@ from ._models import (
     model_entry_for_dir,
 )
 from ._sandbox import SandboxLimits, confine, package_version, runtime_env
-from ._serve import NodeSettings, build_agent, log_progress, serve_node
+from ._serve import NodeSettings, build_agent, log_progress, prepare_node_dir, serve_node
 from ._supervisor import RuntimeSpec, RuntimeSupervisor
 from ._transport import (
     NODE_ROUTES,
@@ -119,6 +119,7 @@ __all__ = [
     "model_entry_for_dir",
     "package_version",
     "parse_job_request",
+    "prepare_node_dir",
     "run_job",
     "runtime_env",
     "save_trust_state",

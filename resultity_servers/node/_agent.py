@@ -60,6 +60,7 @@ __all__ = ["Agent", "save_trust_state"]
 
 log = logging.getLogger("resultity.node")
 _BUSY_HEARTBEAT_S = 0.5
+_READY_WAIT_S = 30.0
 _RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -211,8 +212,8 @@ class Agent:
         seq = 0
         failures = 0
         while True:
-            if self.registered_models != self.ready_models() and not self.active \
-                    and not self._syncing:
+            if (self.registered_models != self.ready_models() and not self.active
+                    and not self._outbox and not self._syncing):
                 await self._register()
             beat = Heartbeat(
                 self.node_id, seq, self.reported_hash, self.version, len(self.active),
@@ -317,10 +318,12 @@ class Agent:
             self._tg.start_soon(self._run_runtime, served)
             started.append(supervisor)
         for supervisor in started:
+            # Bounded: a model that loads slowly (or never) must not hold up the heartbeat's
+            # config hash; the Network learns of it when it is ready (registration).
             try:
-                await supervisor.wait_ready(supervisor.spec.load_timeout_s)
+                await supervisor.wait_ready(min(_READY_WAIT_S, supervisor.spec.load_timeout_s))
             except ResultityError as exc:
-                log.error("%s", exc)
+                log.warning("%s", exc)
         self.reported_hash = self.trust.current_hash
 
     async def _run_runtime(self, served: _Served) -> None:

@@ -63,8 +63,15 @@ class ActiveJob:
 
 async def _stream(job: ActiveJob, runtime: RuntimeSupervisor, frame: Generate, *, base: int,
                   emit: Emit, scope: anyio.CancelScope) -> None:
+    if job.cancelled:
+        return
+    aborted = False
     try:
         async for ev in runtime.generate(frame):
+            if job.cancelled and not aborted:
+                # A cancel that raced the start of the request: abort it now.
+                aborted = True
+                await runtime.abort(frame.job_id)
             index = base + ev.index
             if ev.text or ev.token_ids:
                 job.texts[index] += ev.text

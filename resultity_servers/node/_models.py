@@ -1,7 +1,8 @@
 """Installing approved models: sources, hash-and-size checks, and the install directory.
 
 A ``ModelSource`` opens the files of a ``ModelEntry`` (``LocalDirectorySource`` reads
-``<models_dir>/<name>/<version>/<path>``, or ``<models_dir>/<name>/<path>``). ``install_model``
+``<models_dir>/<name>/<version>/<path>``, or ``<models_dir>/<name>/<path>``; a network
+source can be added behind the same interface). ``install_model``
 copies each file into a staging directory while hashing it, refuses a file whose size or
 sha256 is not the one the signed NodeConfig names, and only then renames the staging directory
 into ``<install_dir>/<name>/<version>``: the Runtime never sees an unchecked byte. A marker file
@@ -59,9 +60,16 @@ class LocalDirectorySource:
         self.models_dir = Path(models_dir)
 
     def candidates(self, entry: ModelEntry) -> list[Path]:
-        """Return the directories searched for ``entry``, in order."""
-        base = self.models_dir / _safe_name(entry.name)
-        return [base / entry.version, base]
+        """Return the directories searched for ``entry``, in order: ``<name>/<version>``,
+        ``<name>`` (a name ``org/model`` as nested directories, then as ``org--model``)."""
+        flat = self.models_dir / _safe_name(entry.name)
+        nested = self.models_dir.joinpath(*entry.name.split("/"))
+        out: list[Path] = []
+        for base in (nested, flat):
+            for path in (base / entry.version, base):
+                if path not in out:
+                    out.append(path)
+        return out
 
     def open(self, entry: ModelEntry, file: ModelFile) -> BinaryIO:
         """See ModelSource."""

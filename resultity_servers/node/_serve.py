@@ -27,8 +27,10 @@ from resultity_core import (
     NodeGrant,
     NodeTrustState,
     PayloadFormatError,
+    SecretKey,
     load_key_file,
     load_trusted_root,
+    save_key_file,
 )
 
 from ._agent import Agent, save_trust_state
@@ -38,7 +40,7 @@ from ._sandbox import SandboxLimits
 from ._supervisor import RuntimeSpec
 from ._transport import HTTPNetworkTransport, NetworkTransport
 
-__all__ = ["NodeSettings", "build_agent", "log_progress", "serve_node"]
+__all__ = ["NodeSettings", "build_agent", "log_progress", "prepare_node_dir", "serve_node"]
 
 log = logging.getLogger("resultity.node")
 
@@ -112,6 +114,22 @@ def _load_trust(settings: NodeSettings, node_id: str, state_path: Path) -> NodeT
     trust = NodeTrustState(root, node_id=node_id)
     save_trust_state(trust, state_path)
     return trust
+
+
+def prepare_node_dir(
+    data_dir: Path, *, node_key: SecretKey, grant: Envelope, trust_root: Envelope,
+    overwrite: bool = False,
+) -> None:
+    """Write ``node.key`` (0600), ``grant.json`` and ``root.json`` into ``data_dir`` (0700).
+
+    For the CLI and the demo: the files ``build_agent`` reads by default. Raises KeyFileError
+    when the key file exists and ``overwrite`` is false, OSError when a file cannot be written.
+    """
+    data = Path(data_dir)
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    save_key_file(node_key, data / "node.key", overwrite=overwrite)
+    for name, envelope in (("grant.json", grant), ("root.json", trust_root)):
+        (data / name).write_text(json.dumps(envelope.to_payload(), indent=2) + "\n")
 
 
 def build_agent(settings: NodeSettings, transport: NetworkTransport | None = None) -> Agent:

@@ -34,6 +34,7 @@ from resultity_servers.node import (
     RegistrationError,
     build_agent,
     model_entry_for_dir,
+    prepare_node_dir,
 )
 
 FAKE = Path(__file__).with_name("test_servers_node_fakeruntime.py")
@@ -141,3 +142,57 @@ async def test_a_node_with_a_bad_grant_is_refused(tmp_path: Path) -> None:
             await agent.run()
         await agent.transport.aclose()
         assert app.coordinator.list_nodes() == []
+
+
+@pytest.mark.slow
+async def test_the_real_runtime_serves_a_chat_job_through_the_network(tmp_path: Path) -> None:
+    from resultity_runtime import init_model_dir
+
+    now = int(time.time())
+    data = tmp_path / "node"
+    model_dir = init_model_dir(data / "models" / "tiny" / "1", "tiny", seed=0)
+    key, account, config_key, root_key = (generate_key() for _ in range(4))
+    root = make_root(version=1, expires_at=now + 86_400, role_keys={
+        "root": [root_key.public_key], "config": [config_key.public_key],
+        "release": [root_key.public_key], "network": [root_key.public_key]})
+    prepare_node_dir(
+        data, node_key=key,
+        grant=sign_grant(NodeGrant("acct-1", key.public_key, now - 10, now + 3600), account),
+        trust_root=sign_envelope(root.to_payload(), [root_key]))
+    entry = model_entry_for_dir(model_dir, "tiny", "1", Price(1000, 2000))
+    config = NodeConfig(
+        version=1, issued_at=now - 10, expires_at=now + 3600, models=(entry,),
+        runtime=RuntimeParams("auto", 4, 256, 8 << 20),
+        network=NetworkParams(("http://127.0.0.1:9",), 200, 1000, 60_000),
+        participation=Participation(True, 2, 1000), resources=Resources(8 << 30, 1 << 30, 1))
+    async with running_network(NetworkSettings(
+            port=0, service_token="svc", max_lease_wait_s=0.5,
+            coordinator=CoordinatorSettings(trust_root=root))) as (server, app):
+        coordinator = app.coordinator
+        coordinator.create_account(now, account_id="acct-1", public_key=account.public_key)
+        coordinator.create_account(now, account_id="buyer", initial_credits=10_000_000)
+        coordinator.publish_config(sign_envelope(config.to_payload(), [config_key]), now)
+        agent = build_agent(NodeSettings(network_url=server.url, data_dir=data,
+                                         lease_wait_ms=500))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent.run)
+            await until(lambda: any(n.state == "ready" for n in coordinator.list_nodes()),
+                        timeout=120)
+            request = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}],
+                       "max_tokens": 6, "temperature": "0", "logprobs": True,
+                       "top_logprobs": 2}
+            job = coordinator.submit_job("buyer", "tiny", request, prompt_tokens_estimate=64,
+                                         max_tokens=6, now=time.time())
+            app.wake()
+            await until(lambda: coordinator.get_job(job.job_id).settled, timeout=60)
+            sandbox = agent.runtimes["tiny"].supervisor.sandbox
+            tg.cancel_scope.cancel()
+        await agent.transport.aclose()
+    done = coordinator.get_job(job.job_id)
+    events = coordinator.job_events(job.job_id).events
+    tokens = [e for e in events if e.kind == "token"]
+    assert done.state == JobState.DONE
+    assert done.completion_tokens == sum(len(e.token_ids) for e in tokens) > 0
+    assert all(len(lp["top_logprobs"]) == 2 for e in tokens for lp in e.logprobs or ())
+    assert sandbox["max_address_space"] == 8 << 30
+    assert sandbox["max_file_size"] == 1 << 30
