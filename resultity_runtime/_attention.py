@@ -205,14 +205,10 @@ class TorchAttentionBackend:
 
 
 def _prefill(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    # q: [T, Hq, D], k/v: [S, Hkv, D], mask: [T, S] bool or None (plain causal, T == S)
-    hq, hkv = q.shape[1], k.shape[1]
-    if hkv != hq:
-        k = k.repeat_interleave(hq // hkv, dim=1)
-        v = v.repeat_interleave(hq // hkv, dim=1)
+    # q: [T, Hq, D], k/v: [S, Hkv, D], mask: [T, S] bool or None (plain causal, T == S).
+    # 4-D inputs: with 3-D ones the CPU dispatcher falls back to the (4x slower) math kernel.
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        attn_mask=mask, is_causal=mask is None, scale=scale,
-    )  # [Hq, T, D]
-    return o.transpose(0, 1)
-
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+    )  # [1, Hq, T, D]
+    return o[0].transpose(0, 1)
