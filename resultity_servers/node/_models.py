@@ -150,10 +150,10 @@ def install_model(
     final = installed_path(install_dir, entry)
     if _already_installed(final, entry):
         return final
-    final.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     staging = final.parent / f".staging-{entry.version}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     try:
+        final.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         for file in entry.files:
             _copy_checked(entry, file, source.open(entry, file), staging / file.path, progress)
         (staging / _MARKER).write_text(_entry_digest(entry) + "\n")

@@ -192,13 +192,19 @@ class RuntimeSupervisor:
                 send.close()
                 if job.sent:
                     with anyio.CancelScope(shield=True):
-                        await self._write(Abort(frame.job_id))
+                        await self.abort(frame.job_id, force=True)
 
-    async def abort(self, job_id: str) -> None:
-        """Ask the Runtime to cancel ``job_id``; its choices end with finish_reason abort."""
+    async def abort(self, job_id: str, *, force: bool = False) -> None:
+        """Ask the Runtime to cancel ``job_id``; its choices end with finish_reason abort.
+
+        Does nothing for a job the Runtime was not sent (unless ``force``) or when no child
+        is running (a restarted child does not know the job). Never raises.
+        """
         job = self._jobs.get(job_id)
-        if job is not None and job.sent:
-            await self._write(Abort(job_id))
+        if force or (job is not None and job.sent):
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError,
+                                     OSError):
+                await self._write(Abort(job_id))
 
     # ---- the child ------------------------------------------------------------------------
 

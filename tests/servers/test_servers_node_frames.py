@@ -201,3 +201,18 @@ def test_receipt_digests() -> None:
     assert job_output_hash(["ab", "c"], ["stop", "stop"]) != digest
     with pytest.raises(ValueError, match="same length"):
         job_output_hash(["a"], [])
+
+
+def test_public_surface_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, resultity_servers.node as n\n"
+        "missing = [name for name in n.__all__ if not hasattr(n, name)]\n"
+        "assert not missing, missing\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr

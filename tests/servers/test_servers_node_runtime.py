@@ -248,3 +248,10 @@ async def test_the_real_runtime_child_generates_like_the_engine(tmp_path: Path) 
     assert max_seq_len == 256
     assert sandbox["max_open_files"] == 256
     assert sandbox["core_dumps"] is False
+
+
+async def test_abort_without_a_child_does_not_raise(tmp_path: Path) -> None:
+    sup = RuntimeSupervisor(fake_spec(tmp_path, "ok"))
+    await sup.abort("nothing", force=True)
+    await sup.abort("nothing")
+    assert sup.state == "stopped"
