@@ -131,6 +131,7 @@ class Agent:
         self._outbox: list[JobEvent | ReceiptSubmit] = []
         self._outbox_ready = anyio.Event()
         self._wake = anyio.Event()
+        self._beat_now = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
 
     # ---- state -----------------------------------------------------------------------------
@@ -159,10 +160,14 @@ class Agent:
                 and config.participation.accept_jobs and self.clock() < config.expires_at
                 and self.reported_hash == self.trust.current_hash and bool(self.ready_models()))
 
-    def wake(self) -> None:
-        """Make the heartbeat and lease loops look at the state again now."""
+    def wake(self, *, heartbeat: bool = False) -> None:
+        """Make the lease loop (and with ``heartbeat`` the heartbeat loop) look at the state
+        again now."""
         self._wake.set()
         self._wake = anyio.Event()
+        if heartbeat:
+            self._beat_now.set()
+            self._beat_now = anyio.Event()
 
     # ---- main ------------------------------------------------------------------------------
 
@@ -205,7 +210,7 @@ class Agent:
                 raise RegistrationError(f"admitted as {node_id!r}, expected {self.node_id!r}")
             self.registered_models = models
             log.info("registered as node %s serving %s", self.node_id[:12], list(models))
-            self.wake()
+            self.wake(heartbeat=True)
             return
 
     async def _heartbeat_loop(self) -> None:
@@ -242,7 +247,7 @@ class Agent:
                 self._tg.start_soon(self._sync, target)
             interval = self._heartbeat_interval()
             with anyio.move_on_after(interval):
-                await self._wake.wait()
+                await self._beat_now.wait()
 
     def _heartbeat_interval(self) -> float:
         if self.active:
@@ -272,7 +277,7 @@ class Agent:
             await self._apply_models(config)
         finally:
             self._syncing = False
-            self.wake()
+            self.wake(heartbeat=True)
 
     def _spec(self, config: NodeConfig) -> RuntimeSpec:
         res = config.resources
@@ -358,7 +363,7 @@ class Agent:
                 self.active[lease.job_id] = job
                 self._tg.start_soon(self._run_job, job)
             if batch.leases:
-                self.wake()
+                self.wake(heartbeat=True)  # busy now: heartbeats (and cancels) every 0.5 s
 
     async def _run_job(self, job: ActiveJob) -> None:
         try:
