@@ -6,15 +6,9 @@ the durable ``SQLiteStore``). The HTTP app and ``serve_network`` drive it with a
 
 from __future__ import annotations
 
-from ._app import NetworkApp, decimalize
-from ._coordinator import (
-    AccountBalance,
-    Coordinator,
-    HeartbeatReply,
-    ModelInfo,
-    NodeSession,
-    hash_secret,
-)
+from ._app import NetworkApp
+from ._coordinator import AccountBalance, Coordinator, ModelInfo
+from ._desk import n_choices
 from ._errors import (
     AdmissionError,
     JobStateError,
@@ -25,9 +19,12 @@ from ._errors import (
     UnknownJobError,
     UnknownNodeError,
 )
-from ._jobs import JobEventsView, ReceiptOutcome, n_choices
+from ._http_util import decimalize
+from ._jobs import JobEventsView
 from ._memory import MemoryStore
 from ._money import job_cost
+from ._nodes import HeartbeatReply, NodeSession, hash_secret
+from ._receipts import ReceiptOutcome
 from ._records import (
     AccountRecord,
     ApiKeyRecord,

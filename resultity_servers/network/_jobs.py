@@ -2,7 +2,7 @@
 
 Job states follow ``resultity_core.JOB_MACHINE``; every change goes through
 ``apply_job_action`` so a finished job can never be cancelled or charged twice. The output of
-a job lives in memory (``_Stream``): token events are forwarded, not written to disk; the store
+a job lives in memory (``JobStream``): token events are forwarded, not written to disk; the store
 is written only when the job changes state (lease, first token, finish, failure), so a token
 costs no disk write. A node's events carry ``seq`` from 0; duplicates are dropped, gaps refused.
 Events handed to the Cloud are renumbered from 0 in the order the Network accepted them.
@@ -17,9 +17,7 @@ from typing import Any
 import attrs
 
 from resultity_core import (
-    PLATFORM_ACCOUNT,
     CanonicalEncodingError,
-    Envelope,
     InsufficientCreditsError,
     InvalidAPIKeyError,
     InvalidRequestError,
@@ -29,29 +27,22 @@ from resultity_core import (
     JobUsage,
     Lease,
     LeaseBatch,
-    NodeConfig,
     NodeState,
-    PayloadFormatError,
-    PublicKey,
     ResultityError,
     apply_job_action,
     canonical_bytes,
-    canonical_digest,
     insufficient_quota,
     model_not_found,
     no_capacity,
-    verify_receipt,
 )
 
-from ._errors import JobStateError, ReceiptConflictError, ReceiptError, UnknownJobError
-from ._money import job_cost, ledger_release, ledger_reserve, ledger_settle
-from ._records import JobRecord, NodeRecord, ReceiptRecord
-from ._settings import CoordinatorSettings
-from ._store import ACTIVE_JOB_STATES, Store, StoreTx
+from ._desk import TERMINAL, DeskBase, JobStream, n_choices
+from ._errors import JobStateError, UnknownJobError
+from ._money import job_cost, ledger_reserve
+from ._records import JobRecord
+from ._store import StoreTx
 
-__all__ = ["JobDesk", "JobEventsView", "ReceiptOutcome"]
-
-TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+__all__ = ["JobDesk", "JobEventsView"]
 
 
 @attrs.frozen
@@ -64,179 +55,8 @@ class JobEventsView:
     next_index: int
 
 
-@attrs.frozen
-class ReceiptOutcome:
-    """What a receipt did: ``charge`` is None when the job had already been settled."""
-
-    job_id: str
-    charge: int | None
-    payee_account: str | None
-    payee_amount: int
-    platform_amount: int
-    duplicate: bool = False
-
-    def to_payload(self) -> dict[str, Any]:
-        """Return the JSON form sent to the node."""
-        return {"_type": "receipt_outcome", **attrs.asdict(self)}
-
-
-class _Stream:
-    """A job's output as seen by the Network (memory only)."""
-
-    def __init__(self, account_id: str) -> None:
-        self.account_id = account_id
-        self.events: list[JobEvent] = []
-        self.next_seq = 0
-        self.completion_tokens = 0
-        self.done_indexes: set[int] = set()
-        self.usage: JobUsage | None = None
-        self.finished_at: float | None = None
-
-    def reset(self) -> None:
-        self.next_seq = 0
-        self.completion_tokens = 0
-        self.done_indexes.clear()
-        self.usage = None
-
-    def push(self, event: JobEvent) -> None:
-        self.events.append(attrs.evolve(event, seq=len(self.events)))
-
-
-def n_choices(request: Mapping[str, Any]) -> int:
-    """Return the request's ``n`` (``sampling.n`` in the lease form) when it is a positive
-    integer, else 1."""
-    sampling = request.get("sampling")
-    n = sampling.get("n", 1) if isinstance(sampling, Mapping) else request.get("n", 1)
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
-
-
-class JobDesk:
-    """Job handling shared by the Coordinator (see ``_coordinator``)."""
-
-    def __init__(self, store: Store, settings: CoordinatorSettings) -> None:
-        self._store = store
-        self.settings = settings
-        self._config: tuple[str, NodeConfig] | None = None
-        self._streams: dict[str, _Stream] = {}
-        self._pending_cancels: dict[str, set[str]] = {}
-        self._woken_nodes: set[str] = set()
-        self._woken_jobs: set[str] = set()
-        # Signs of life between heartbeats (lease polls, event posts): kept in memory so that
-        # a poll costs no disk write; a heartbeat writes ``last_heartbeat`` to the store.
-        self._last_seen: dict[str, float] = {}
-
-    # --- wake-ups for the I/O driver ----------------------------------------------------------
-
-    def take_wakeups(self) -> tuple[set[str], set[str]]:
-        """Return and clear ``(node ids with new work, job ids with new events)``."""
-        nodes, jobs = self._woken_nodes, self._woken_jobs
-        self._woken_nodes, self._woken_jobs = set(), set()
-        return nodes, jobs
-
-    # --- helpers ------------------------------------------------------------------------------
-
-    def _stream(self, job: JobRecord) -> _Stream:
-        stream = self._streams.get(job.job_id)
-        if stream is None:
-            stream = self._streams[job.job_id] = _Stream(job.account_id)
-        return stream
-
-    def _emit_error(self, job: JobRecord, message: str, now: float) -> None:
-        stream = self._stream(job)
-        stream.push(JobEvent(job.job_id, 0, "error", error=message))
-        stream.finished_at = now
-        self._woken_jobs.add(job.job_id)
-
-    def _capacity(self, node: NodeRecord) -> int:
-        cap = node.capabilities.max_batch
-        if self._config is not None:
-            cap = min(cap, self._config[1].participation.max_concurrent_jobs)
-        return cap
-
-    def _payee(self, tx: StoreTx, job: JobRecord) -> str:
-        node = tx.get_node(job.node_id) if job.node_id is not None else None
-        return node.account_id if node is not None else PLATFORM_ACCOUNT
-
-    def _charge_produced(self, tx: StoreTx, job: JobRecord, now: float) -> JobRecord:
-        """Settle ``job`` for the completion tokens the Network saw stream (prompt free)."""
-        if job.settled:
-            return job
-        produced = max(self._stream(job).completion_tokens, job.completion_tokens)
-        job = attrs.evolve(job, completion_tokens=produced)
-        if produced == 0:
-            return ledger_release(tx, job, now)
-        job, _ = ledger_settle(
-            tx, job, prompt_tokens=0, completion_tokens=produced,
-            payee_account=self._payee(tx, job), payee_share_bps=self.settings.node_share_bps,
-            now=now,
-        )
-        return job
-
-    def _end(
-        self, tx: StoreTx, job: JobRecord, action: JobAction, message: str, now: float
-    ) -> JobRecord:
-        """Fail or cancel ``job``: charge what streamed, tell its node, emit the error event."""
-        was = job.state
-        job = attrs.evolve(job, state=apply_job_action(job.state, action), finished_at=now,
-                           error=message, deadline=None)
-        job = ledger_release(tx, job, now) if was == JobState.QUEUED else self._charge_produced(
-            tx, job, now)
-        tx.update_job(job)
-        if job.node_id is not None and was in (JobState.LEASED, JobState.STREAMING):
-            self._pending_cancels.setdefault(job.node_id, set()).add(job.job_id)
-        self._emit_error(job, message, now)
-        return job
-
-    def _dispatch(self, tx: StoreTx) -> None:
-        """Assign unassigned queued jobs to the least loaded ready node with the model."""
-        queued = tx.list_jobs([JobState.QUEUED], unassigned=True)
-        if not queued:
-            return
-        nodes = [n for n in tx.list_nodes() if n.state == NodeState.READY]
-        if not nodes:
-            return
-        load = tx.active_job_counts()
-        for job in queued:
-            best: NodeRecord | None = None
-            for node in nodes:
-                used = load.get(node.node_id, 0)
-                if job.model not in node.capabilities.models or used >= self._capacity(node):
-                    continue
-                if best is None or (used, node.node_id) < (load.get(best.node_id, 0),
-                                                           best.node_id):
-                    best = node
-            if best is not None:
-                tx.update_job(attrs.evolve(job, node_id=best.node_id))
-                load[best.node_id] = load.get(best.node_id, 0) + 1
-                self._woken_nodes.add(best.node_id)
-
-    def _unassign_queued(self, tx: StoreTx, node_id: str) -> None:
-        """Take back the jobs queued for a node that stopped taking work (they re-route)."""
-        for job in tx.list_jobs([JobState.QUEUED], node_id=node_id):
-            tx.update_job(attrs.evolve(job, node_id=None))
-
-    def _lose_node_jobs(self, tx: StoreTx, node: NodeRecord, reason: str, now: float) -> None:
-        """Requeue the node's jobs that have no output yet; fail the ones mid-stream."""
-        for job in tx.list_jobs(ACTIVE_JOB_STATES, node_id=node.node_id):
-            if job.state == JobState.QUEUED:
-                tx.update_job(attrs.evolve(job, node_id=None))
-            elif job.state == JobState.LEASED and job.attempts < self.settings.max_attempts:
-                tx.update_job(attrs.evolve(
-                    job, state=apply_job_action(job.state, JobAction.REQUEUE), node_id=None,
-                    deadline=None,
-                ))
-                self._stream(job).reset()
-            elif job.state == JobState.LEASED:
-                self._end(tx, job, JobAction.FAIL,
-                          f"job failed on {job.attempts} node(s); last: {reason}", now)
-            else:
-                produced = self._stream(job).completion_tokens
-                self._end(tx, job, JobAction.FAIL,
-                          f"the node serving this job failed mid-stream after {produced} "
-                          f"token(s): {reason}", now)
-        self._pending_cancels.pop(node.node_id, None)
-
-    # --- submit, lease ------------------------------------------------------------------------
+class JobDesk(DeskBase):
+    """Submitting, leasing, streaming and cancelling jobs."""
 
     def submit_job(
         self,
@@ -303,7 +123,7 @@ class JobDesk:
             self._dispatch(tx)
             job = tx.get_job(job_id)
         assert job is not None
-        self._streams[job_id] = _Stream(account_id)
+        self._streams[job_id] = JobStream(account_id)
         return job
 
     def lease(self, node_id: str, max_jobs: int, now: float) -> LeaseBatch:
@@ -340,11 +160,6 @@ class JobDesk:
                     attempts=job.attempts - 1, deadline=None,
                 ))
             self._dispatch(tx)
-
-    def _live_node(self, tx: StoreTx, node_id: str) -> NodeRecord:
-        raise NotImplementedError
-
-    # --- events from nodes, events to the Cloud -----------------------------------------------
 
     def post_events(self, node_id: str, events: Sequence[JobEvent], now: float) -> tuple[str, ...]:
         """Accept a node's job events in order; returns job ids the node must abort.
@@ -386,7 +201,7 @@ class JobDesk:
         return tuple(sorted(cancel))
 
     def _apply_event(
-        self, tx: StoreTx, job: JobRecord, event: JobEvent, stream: _Stream, now: float
+        self, tx: StoreTx, job: JobRecord, event: JobEvent, stream: JobStream, now: float
     ) -> None:
         self._woken_jobs.add(job.job_id)
         if event.kind == "error":
@@ -445,8 +260,6 @@ class JobDesk:
         return JobEventsView(job_id, events, stream.finished_at is not None,
                              max(after, len(stream.events)))
 
-    # --- cancel and receipts ------------------------------------------------------------------
-
     def cancel_job(self, job_id: str, now: float, *, account_id: str | None = None) -> JobRecord:
         """Cancel a job (idempotent: a finished job is returned unchanged).
 
@@ -464,81 +277,6 @@ class JobDesk:
                             now)
             self._dispatch(tx)
         return job
-
-    def submit_receipt(
-        self, node_id: str, receipt: Mapping[str, Any] | Envelope, now: float
-    ) -> ReceiptOutcome:
-        """Verify a node's signed receipt and settle its job (idempotent for the same receipt).
-
-        The signature must verify against the node's registered key, the receipt's node must be
-        ``node_id`` and the job's node, its model the job's model, its ``request_hash`` the
-        ``canonical_digest`` of the leased request. The requester pays the receipt's tokens at
-        the job's price (capped at the reservation), the node's account earns
-        ``node_share_bps`` of it, the platform the rest, the remainder is refunded. A receipt
-        for a job already settled (cancelled, failed, timed out) is kept but charges nothing.
-        Raises ReceiptError, ReceiptConflictError (another receipt for the job), UnknownJobError.
-        """
-        try:
-            env = receipt if isinstance(receipt, Envelope) else Envelope.from_payload(
-                dict(receipt))
-        except PayloadFormatError as exc:
-            raise ReceiptError(f"malformed receipt envelope: {exc}") from None
-        with self._store.transaction() as tx:
-            node = tx.get_node(node_id)
-            if node is None:
-                raise ReceiptError(f"unknown node {node_id!r}")
-            try:
-                r = verify_receipt(env, PublicKey.from_hex(node.public_key),
-                                   expected_node_id=node_id)
-            except ResultityError as exc:
-                raise ReceiptError(f"receipt refused: {exc}") from None
-            existing = tx.get_receipt(r.job_id)
-            if existing is not None:
-                if existing.envelope != env.to_payload():
-                    raise ReceiptConflictError(f"job {r.job_id!r} already has another receipt")
-                return ReceiptOutcome(r.job_id, existing.charge, existing.payee_account,
-                                      existing.payee_amount, existing.platform_amount, True)
-            job = tx.get_job(r.job_id)
-            if job is None:
-                raise UnknownJobError(f"unknown job {r.job_id!r}")
-            if job.node_id != node_id or job.state == JobState.QUEUED:
-                raise ReceiptError(f"job {job.job_id!r} was not leased to this node")
-            if r.model != job.model:
-                raise ReceiptError(f"receipt model {r.model!r} is not the job's {job.model!r}")
-            if r.request_hash != canonical_digest(job.request):
-                raise ReceiptError("receipt request_hash does not match the leased request")
-            record = ReceiptRecord(r.job_id, node_id, env.to_payload(), r.prompt_tokens,
-                                   r.completion_tokens, now)
-            if job.state in (JobState.LEASED, JobState.STREAMING):
-                job = self._finish_by_receipt(job, r.prompt_tokens, r.completion_tokens, now)
-            if not job.settled:
-                job, s = ledger_settle(
-                    tx, job, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                    payee_account=node.account_id, payee_share_bps=self.settings.node_share_bps,
-                    now=now,
-                )
-                job = attrs.evolve(job, prompt_tokens=r.prompt_tokens,
-                                   completion_tokens=r.completion_tokens)
-                record = attrs.evolve(record, charge=s.payer_charge, payee_account=s.payee,
-                                      payee_amount=s.payee_amount,
-                                      platform_amount=s.platform_amount)
-            tx.update_job(job)
-            tx.insert_receipt(record)
-            self._dispatch(tx)
-        return ReceiptOutcome(job.job_id, record.charge, record.payee_account,
-                              record.payee_amount, record.platform_amount)
-
-    def _finish_by_receipt(
-        self, job: JobRecord, prompt_tokens: int, completion_tokens: int, now: float
-    ) -> JobRecord:
-        """The receipt came before (or instead of) the last done event: the job is done."""
-        stream = self._stream(job)
-        stream.push(JobEvent(job.job_id, 0, "done", finish_reason="stop",
-                             usage=JobUsage(prompt_tokens, completion_tokens)))
-        stream.finished_at = now
-        self._woken_jobs.add(job.job_id)
-        return attrs.evolve(job, state=apply_job_action(job.state, JobAction.FINISH),
-                            finished_at=now, deadline=None)
 
     def get_job(self, job_id: str, *, account_id: str | None = None) -> JobRecord:
         """Return the job; raises UnknownJobError (also when ``account_id`` does not own it)."""

@@ -1,0 +1,199 @@
+"""The coordinator's shared state and the steps every part of it takes.
+
+A job's output lives in memory (``JobStream``): token events are forwarded, not written to disk;
+the store is written only when a job changes state (lease, first token, finish, failure), so a
+token costs no disk write. ``DeskBase`` holds that memory, routes queued jobs to nodes, and
+ends jobs (fail or cancel: charge what streamed, tell the node, emit the error event).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from resultity_core import (
+    PLATFORM_ACCOUNT,
+    JobAction,
+    JobEvent,
+    JobState,
+    JobUsage,
+    NodeConfig,
+    NodeState,
+    apply_job_action,
+)
+
+from ._errors import NodeAuthError
+from ._money import ledger_release, ledger_settle
+from ._records import JobRecord, NodeRecord
+from ._settings import CoordinatorSettings
+from ._store import ACTIVE_JOB_STATES, Store, StoreTx
+
+__all__ = ["TERMINAL", "DeskBase", "JobStream", "n_choices"]
+
+TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+
+class JobStream:
+    """A job's output as seen by the Network (memory only)."""
+
+    def __init__(self, account_id: str) -> None:
+        self.account_id = account_id
+        self.events: list[JobEvent] = []
+        self.next_seq = 0
+        self.completion_tokens = 0
+        self.done_indexes: set[int] = set()
+        self.usage: JobUsage | None = None
+        self.finished_at: float | None = None
+
+    def reset(self) -> None:
+        self.next_seq = 0
+        self.completion_tokens = 0
+        self.done_indexes.clear()
+        self.usage = None
+
+    def push(self, event: JobEvent) -> None:
+        self.events.append(attrs.evolve(event, seq=len(self.events)))
+
+
+def n_choices(request: Mapping[str, Any]) -> int:
+    """Return the request's ``n`` (``sampling.n`` in the lease form) when it is a positive
+    integer, else 1."""
+    sampling = request.get("sampling")
+    n = sampling.get("n", 1) if isinstance(sampling, Mapping) else request.get("n", 1)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+
+
+class DeskBase:
+    """State and steps shared by the job, receipt and node desks of the Coordinator."""
+
+    def __init__(self, store: Store, settings: CoordinatorSettings) -> None:
+        self._store = store
+        self.settings = settings
+        self._config: tuple[str, NodeConfig] | None = None
+        self._streams: dict[str, JobStream] = {}
+        self._pending_cancels: dict[str, set[str]] = {}
+        self._woken_nodes: set[str] = set()
+        self._woken_jobs: set[str] = set()
+        # Signs of life between heartbeats (lease polls, event posts): kept in memory so that
+        # a poll costs no disk write; a heartbeat writes ``last_heartbeat`` to the store.
+        self._last_seen: dict[str, float] = {}
+
+    # --- wake-ups for the I/O driver ----------------------------------------------------------
+
+    def take_wakeups(self) -> tuple[set[str], set[str]]:
+        """Return and clear ``(node ids with new work, job ids with new events)``."""
+        nodes, jobs = self._woken_nodes, self._woken_jobs
+        self._woken_nodes, self._woken_jobs = set(), set()
+        return nodes, jobs
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _stream(self, job: JobRecord) -> JobStream:
+        stream = self._streams.get(job.job_id)
+        if stream is None:
+            stream = self._streams[job.job_id] = JobStream(job.account_id)
+        return stream
+
+    def _emit_error(self, job: JobRecord, message: str, now: float) -> None:
+        stream = self._stream(job)
+        stream.push(JobEvent(job.job_id, 0, "error", error=message))
+        stream.finished_at = now
+        self._woken_jobs.add(job.job_id)
+
+    def _capacity(self, node: NodeRecord) -> int:
+        cap = node.capabilities.max_batch
+        if self._config is not None:
+            cap = min(cap, self._config[1].participation.max_concurrent_jobs)
+        return cap
+
+    def _payee(self, tx: StoreTx, job: JobRecord) -> str:
+        node = tx.get_node(job.node_id) if job.node_id is not None else None
+        return node.account_id if node is not None else PLATFORM_ACCOUNT
+
+    def _charge_produced(self, tx: StoreTx, job: JobRecord, now: float) -> JobRecord:
+        """Settle ``job`` for the completion tokens the Network saw stream (prompt free)."""
+        if job.settled:
+            return job
+        produced = max(self._stream(job).completion_tokens, job.completion_tokens)
+        job = attrs.evolve(job, completion_tokens=produced)
+        if produced == 0:
+            return ledger_release(tx, job, now)
+        job, _ = ledger_settle(
+            tx, job, prompt_tokens=0, completion_tokens=produced,
+            payee_account=self._payee(tx, job), payee_share_bps=self.settings.node_share_bps,
+            now=now,
+        )
+        return job
+
+    def _end(
+        self, tx: StoreTx, job: JobRecord, action: JobAction, message: str, now: float
+    ) -> JobRecord:
+        """Fail or cancel ``job``: charge what streamed, tell its node, emit the error event."""
+        was = job.state
+        job = attrs.evolve(job, state=apply_job_action(job.state, action), finished_at=now,
+                           error=message, deadline=None)
+        job = ledger_release(tx, job, now) if was == JobState.QUEUED else self._charge_produced(
+            tx, job, now)
+        tx.update_job(job)
+        if job.node_id is not None and was in (JobState.LEASED, JobState.STREAMING):
+            self._pending_cancels.setdefault(job.node_id, set()).add(job.job_id)
+        self._emit_error(job, message, now)
+        return job
+
+    def _dispatch(self, tx: StoreTx) -> None:
+        """Assign unassigned queued jobs to the least loaded ready node with the model."""
+        queued = tx.list_jobs([JobState.QUEUED], unassigned=True)
+        if not queued:
+            return
+        nodes = [n for n in tx.list_nodes() if n.state == NodeState.READY]
+        if not nodes:
+            return
+        load = tx.active_job_counts()
+        for job in queued:
+            best: NodeRecord | None = None
+            for node in nodes:
+                used = load.get(node.node_id, 0)
+                if job.model not in node.capabilities.models or used >= self._capacity(node):
+                    continue
+                if best is None or (used, node.node_id) < (load.get(best.node_id, 0),
+                                                           best.node_id):
+                    best = node
+            if best is not None:
+                tx.update_job(attrs.evolve(job, node_id=best.node_id))
+                load[best.node_id] = load.get(best.node_id, 0) + 1
+                self._woken_nodes.add(best.node_id)
+
+    def _unassign_queued(self, tx: StoreTx, node_id: str) -> None:
+        """Take back the jobs queued for a node that stopped taking work (they re-route)."""
+        for job in tx.list_jobs([JobState.QUEUED], node_id=node_id):
+            tx.update_job(attrs.evolve(job, node_id=None))
+
+    def _lose_node_jobs(self, tx: StoreTx, node: NodeRecord, reason: str, now: float) -> None:
+        """Requeue the node's jobs that have no output yet; fail the ones mid-stream."""
+        for job in tx.list_jobs(ACTIVE_JOB_STATES, node_id=node.node_id):
+            if job.state == JobState.QUEUED:
+                tx.update_job(attrs.evolve(job, node_id=None))
+            elif job.state == JobState.LEASED and job.attempts < self.settings.max_attempts:
+                tx.update_job(attrs.evolve(
+                    job, state=apply_job_action(job.state, JobAction.REQUEUE), node_id=None,
+                    deadline=None,
+                ))
+                self._stream(job).reset()
+            elif job.state == JobState.LEASED:
+                self._end(tx, job, JobAction.FAIL,
+                          f"job failed on {job.attempts} node(s); last: {reason}", now)
+            else:
+                produced = self._stream(job).completion_tokens
+                self._end(tx, job, JobAction.FAIL,
+                          f"the node serving this job failed mid-stream after {produced} "
+                          f"token(s): {reason}", now)
+        self._pending_cancels.pop(node.node_id, None)
+
+    def _live_node(self, tx: StoreTx, node_id: str) -> NodeRecord:
+        """Return the node; raises NodeAuthError when it is unknown or dead."""
+        node = tx.get_node(node_id)
+        if node is None or node.state == NodeState.DEAD:
+            raise NodeAuthError(f"node {node_id[:12]} is not registered or is dead")
+        return node
