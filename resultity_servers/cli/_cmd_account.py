@@ -1,0 +1,188 @@
+"""``resultity account``: accounts, credits, API keys and node grants."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from ._cmd_network import add_network_client_args, network_call, read_service_token
+from ._common import CLIError, write_json_file
+
+__all__ = ["register"]
+
+MICRO = 1_000_000
+
+_DESCRIPTION = """\
+Accounts own credits, API keys and nodes. Amounts are integers in micro-credits
+(1 credit = 1,000,000 micro-credits); prices in the NodeConfig are micro-credits per 1,000
+tokens. `create`, `list`, `credit` and `key` talk to a running Network with the service token;
+`grant` signs offline with the account's key.
+
+typical flow:
+  resultity keys generate alice.key
+  resultity account create --id alice --public-key alice.key --credits 5000000
+  resultity keys generate node/node.key
+  resultity account grant --account alice --account-key alice.key \\
+      --node-key node/node.key --out node/grant.json
+"""
+
+
+def register(subparsers: Any) -> None:
+    """Add ``account create|list|credit|key|grant`` to the CLI."""
+    parser = subparsers.add_parser(
+        "account", help="create accounts, add credits, issue API keys and node grants",
+        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="account_command", metavar="ACTION")
+    parser.set_defaults(handler=lambda _args: _usage(parser))
+
+    create = sub.add_parser(
+        "create", help="create an account and print its API key (shown once)",
+        description="Create an account on the Network and print its id and its first API "
+        "key. The key is shown only this once (the Network stores its hash): keep it.")
+    create.add_argument("--id", dest="account_id", default=None, metavar="NAME",
+                        help="account id, 1-128 of [A-Za-z0-9._:-] (default: random acct-...)")
+    create.add_argument("--credits", type=int, default=0, metavar="MICRO",
+                        help="initial balance in micro-credits (default 0)")
+    create.add_argument("--public-key", default=None, metavar="KEYFILE",
+                        help="key file of the account's Ed25519 key that signs node grants "
+                        "(only its public key is sent)")
+    create.add_argument("--json", action="store_true", help="print the answer as JSON")
+    add_network_client_args(create)
+    create.set_defaults(handler=_create)
+
+    listing = sub.add_parser("list", help="list accounts with balances (micro-credits)",
+                             description="Print every account's spendable balance and the "
+                             "credits reserved by running jobs, in micro-credits.")
+    listing.add_argument("--json", action="store_true", help="print the answer as JSON")
+    add_network_client_args(listing)
+    listing.set_defaults(handler=_list)
+
+    credit = sub.add_parser(
+        "credit", help="add micro-credits to an account",
+        description="Add AMOUNT micro-credits (1 credit = 1,000,000) to ACCOUNT and print the "
+        "new balance.")
+    credit.add_argument("account", metavar="ACCOUNT", help="account id")
+    credit.add_argument("amount", type=int, metavar="AMOUNT",
+                        help="micro-credits to add (a positive integer)")
+    add_network_client_args(credit)
+    credit.set_defaults(handler=_credit)
+
+    key = sub.add_parser("key", help="issue another API key for an account (shown once)",
+                         description="Create a new API key for ACCOUNT and print it once.")
+    key.add_argument("account", metavar="ACCOUNT", help="account id")
+    add_network_client_args(key)
+    key.set_defaults(handler=_key)
+
+    grant = sub.add_parser(
+        "grant", help="sign a NodeGrant binding a node key to an account",
+        description="Sign, with the account's key, a NodeGrant stating that the node key "
+        "belongs to ACCOUNT, and write it to --out (the node's grant.json). Offline: no "
+        "Network needed, but the Network only admits it if the account was created with "
+        "this --public-key.")
+    grant.add_argument("--account", required=True, metavar="ACCOUNT", help="account id")
+    grant.add_argument("--account-key", required=True, metavar="KEYFILE",
+                       help="the account's key file (signs the grant)")
+    grant.add_argument("--node-key", required=True, metavar="KEYFILE",
+                       help="the node's key file (only its public key is used)")
+    grant.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    grant.add_argument("--out", required=True, metavar="PATH", help="where to write the grant")
+    grant.set_defaults(handler=_grant)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _credits(micro: int) -> str:
+    return f"{micro:,} micro-credits ({micro / MICRO:g} credits)"
+
+
+def _create(args: argparse.Namespace) -> int:
+    from resultity_core import load_key_file
+
+    if args.credits < 0:
+        raise CLIError("--credits must not be negative")
+    body: dict[str, Any] = {"credits": args.credits}
+    if args.account_id:
+        body["account_id"] = args.account_id
+    if args.public_key:
+        body["public_key"] = load_key_file(args.public_key).public_key.hex
+    token = read_service_token(args.service_token_file)
+
+    async def call(client: Any) -> Any:
+        return await client.post_json("/network/v1/accounts", body)
+
+    answer = network_call(args.network, token, call)
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return 0
+    print(f"account: {answer['account_id']}")
+    print(f"balance: {_credits(answer['balance'])}")
+    print(f"API key: {answer['api_key']}")
+    print("(the API key is shown only this once; store it now)")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    token = read_service_token(args.service_token_file)
+
+    async def call(client: Any) -> Any:
+        return await client.get_json("/network/v1/accounts")
+
+    rows = network_call(args.network, token, call)["data"]
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return 0
+    print(f"{'ACCOUNT':<32} {'BALANCE (micro)':>18} {'RESERVED (micro)':>18}")
+    for row in rows:
+        print(f"{row['account_id']:<32} {row['balance']:>18,} {row['reserved']:>18,}")
+    return 0
+
+
+def _credit(args: argparse.Namespace) -> int:
+    if args.amount <= 0:
+        raise CLIError("AMOUNT must be a positive number of micro-credits")
+    token = read_service_token(args.service_token_file)
+
+    async def call(client: Any) -> Any:
+        return await client.post_json(f"/network/v1/accounts/{args.account}/credit",
+                                      {"amount": args.amount})
+
+    answer = network_call(args.network, token, call)
+    print(f"{answer['account_id']}: balance {_credits(answer['balance'])}")
+    return 0
+
+
+def _key(args: argparse.Namespace) -> int:
+    token = read_service_token(args.service_token_file)
+
+    async def call(client: Any) -> Any:
+        return await client.post_json(f"/network/v1/accounts/{args.account}/keys", {})
+
+    answer = network_call(args.network, token, call)
+    print(f"API key: {answer['api_key']}")
+    print("(the API key is shown only this once; store it now)")
+    return 0
+
+
+def _grant(args: argparse.Namespace) -> int:
+    from resultity_core import NodeGrant, load_key_file, sign_grant
+
+    if args.days < 1:
+        raise CLIError("--days must be at least 1")
+    account_key = load_key_file(args.account_key)
+    node_key = load_key_file(args.node_key)
+    now = int(time.time())
+    try:
+        grant = NodeGrant(args.account, node_key.public_key, now - 60, now + args.days * 86_400)
+        envelope = sign_grant(grant, account_key)
+        NodeGrant.from_payload(envelope.signed)
+    except ValueError as exc:
+        raise CLIError(f"cannot make the grant: {exc}") from None
+    write_json_file(args.out, envelope.to_payload(), mode=0o644)
+    print(f"wrote the grant of node {node_key.keyid[:16]}... to account {args.account} "
+          f"to {args.out}")
+    return 0
