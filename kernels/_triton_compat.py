@@ -1,26 +1,21 @@
-"""Optional Triton import and the shared checks every kernel wrapper runs before a launch.
+"""Deferred Triton import and the shared checks every kernel wrapper runs before a launch.
 
-``import resultity_kernels`` must work on a machine with only torch installed. Kernels are
-therefore declared with :func:`lazy_jit`, which keeps the plain Python function and hands it to
-``triton.jit`` on the first launch. Deferring the decoration also means ``TRITON_INTERPRET`` is
-read when a kernel first runs, not when the module is imported, so test set-up order does not
-matter.
+``import resultity_kernels`` must work on a machine with only torch installed, and does not
+import triton at all. Kernels are declared with :func:`lazy_jit`, which keeps the plain Python
+function and hands it to ``triton.jit`` on the first launch; ``TRITON_INTERPRET`` is read then.
+Triton itself must first be imported with the interpreter setting it will run under: its own
+library functions are bound to interpreted or compiled mode when triton is imported.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-
-try:  # triton is optional: the PyTorch references work without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
 
 __all__ = [
     "HAS_TRITON",
@@ -32,10 +27,24 @@ __all__ = [
     "lazy_jit",
     "next_pow2",
     "tl",
-    "triton",
 ]
 
-HAS_TRITON = triton is not None
+# triton.language, bound into each kernel module on the first launch: importing triton is
+# deferred too, because triton decides at import time whether its own library functions
+# (tl.philox, ...) are interpreted, and TRITON_INTERPRET may be set after this package loads
+tl: Any = None
+
+
+def _has_triton() -> bool:
+    if "triton" in sys.modules:
+        return sys.modules["triton"] is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAS_TRITON = _has_triton()
 
 
 class KernelUnavailableError(RuntimeError):
@@ -65,12 +74,24 @@ class _LazyKernel:
         self._jitted: Any = None
         self._interpret: bool | None = None
 
-    def _get(self) -> Any:
-        if triton is None:
+    def bind_triton(self) -> Any:
+        """Import triton, bind ``tl`` in the kernel's module, and return the triton module.
+
+        Raises KernelUnavailableError when triton cannot be imported.
+        """
+        try:
+            import triton
+            import triton.language as language
+        except ImportError as exc:
             raise KernelUnavailableError(
                 f"{self.fn.__name__} needs triton, which is not installed; "
                 "use the *_ref PyTorch function instead"
-            )
+            ) from exc
+        self.fn.__globals__["tl"] = language
+        return triton
+
+    def _get(self) -> Any:
+        triton = self.bind_triton()
         mode = interpreting()
         if self._jitted is None or self._interpret != mode:
             self._jitted = triton.jit(self.fn)
@@ -93,7 +114,7 @@ def check_device(name: str, t: torch.Tensor) -> None:
         KernelUnavailableError: triton is missing.
         ValueError: the tensor is on a device the kernel cannot use.
     """
-    if triton is None:
+    if not HAS_TRITON:
         raise KernelUnavailableError("triton is not installed; use the *_ref PyTorch functions")
     if t.device.type == "cuda":
         return

@@ -7,11 +7,18 @@ decoration to the first launch, and this file sets the variable before any test 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# triton binds its library (tl.philox, ...) to interpreted or compiled mode when imported:
+# note whether something imported it before the variable below could take effect
+_TRITON_PREIMPORTED = (
+    not HAS_CUDA and sys.modules.get("triton") is not None
+    and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "on", "yes")
+)
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 # triton 3.9 warns on every compile while this is unset, and warnings are errors here;
@@ -51,4 +58,7 @@ def target(request: pytest.FixtureRequest) -> tuple[torch.device, torch.dtype, f
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     device, dtype, tol = request.param
+    if device == "cpu" and _TRITON_PREIMPORTED:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run with "
+                    "TRITON_INTERPRET=1 in the environment or run tests/kernels on its own")
     return torch.device(device), dtype, tol

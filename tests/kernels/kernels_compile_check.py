@@ -38,6 +38,7 @@ def compile_ptx(lazy, pointer_types, constexprs, **options) -> str:
             signature[name] = pointer_types.get(name, "*i32")
         else:
             signature[name] = "fp32" if name.endswith(("scale", "eps")) else "i32"
+    lazy.bind_triton()  # binds `tl` in the kernel's module
     src = ASTSource(fn=JITFunction(lazy.fn), signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 

@@ -19,6 +19,16 @@ def test_public_names_import():
         assert callable(getattr(resultity_kernels, name + "_ref"))
 
 
+def test_import_does_not_import_triton():
+    # triton binds its library to interpreted or compiled mode when imported, so the package
+    # must leave that import to the first kernel launch
+    code = "import sys, resultity_kernels; print('triton' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
+
+
 def test_imports_and_references_work_without_triton():
     code = textwrap.dedent("""
         import sys
