@@ -111,6 +111,7 @@ class NetworkApp(CloudRoutes):
             ("POST", "/accounts", self._service(self.create_account)),
             ("GET", "/accounts/{account_id}", self._service(self.account)),
             ("POST", "/accounts/{account_id}/credit", self._service(self.credit)),
+            ("GET", "/accounts/{account_id}/ledger", self._service(self.ledger)),
             ("POST", "/accounts/{account_id}/keys", self._service(self.new_key)),
             ("POST", "/accounts/{account_id}/public-key", self._service(self.account_key)),
         ]

@@ -184,6 +184,13 @@ class CloudRoutes:
         balance = self.coordinator.account_balance(request.path_params["account_id"])
         return Response.json(balance_json(balance))
 
+    async def ledger(self, request: Request) -> Reply:
+        """``GET /accounts/{account_id}/ledger`` -> the account's journal entries."""
+        entries = self.coordinator.ledger_entries(request.path_params["account_id"])
+        data = [{"seq": e.seq, "at": e.at, "kind": e.kind, "amount": e.amount,
+                 "job_id": e.job_id} for e in entries]
+        return Response.json({"object": "list", "data": data})
+
     async def credit(self, request: Request) -> Reply:
         """``POST /accounts/{account_id}/credit`` ``{"amount"}`` -> the new balance."""
         amount = int_field(json_object(request), "amount")

@@ -52,6 +52,7 @@ from ._records import (
     AccountRecord,
     ApiKeyRecord,
     JobRecord,
+    LedgerEntry,
     SnapshotRecord,
 )
 from ._settings import CoordinatorSettings
@@ -167,6 +168,13 @@ class Coordinator(NodeDesk):
                 raise UnknownAccountError(account_id)
             held = tx.reserved_total(account_id)
         return AccountBalance(account_id, state.balance(account_id), held)
+
+    def ledger_entries(self, account_id: str) -> list[LedgerEntry]:
+        """Return the account's journal, oldest first; raises UnknownAccountError."""
+        with self._store.transaction() as tx:
+            if tx.get_account(account_id) is None:
+                raise UnknownAccountError(account_id)
+            return tx.entries(account_id)
 
     def list_accounts(self) -> list[AccountBalance]:
         """Return every account's balance (the platform account included)."""

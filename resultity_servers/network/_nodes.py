@@ -201,12 +201,27 @@ class NodeDesk(ReceiptDesk):
 
         A syncing node becomes ready when it reports the current config hash with status
         ``ready``; a ready node reporting another hash or status ``syncing`` syncs again.
-        Status ``draining`` drains it (no new work); any other status resumes it. Raises
-        NodeAuthError (dead node, or ``beat.node_id`` is not ``node_id``).
+        Status ``draining`` drains it (no new work); any other status resumes it. A node whose
+        grant has expired is shut down (its jobs requeued or failed) and must register again
+        with a new grant. Raises NodeAuthError (dead node, expired grant, or ``beat.node_id``
+        is not ``node_id``).
         """
         if beat.node_id != node_id:
             raise NodeAuthError("heartbeat node_id does not match the session")
         current = self._config[0] if self._config else None
+        with self._store.transaction() as tx:
+            node = self._live_node(tx, node_id)
+            grant = tx.get_grant(node_id)
+            expired = grant is None or grant.expires_at <= now
+            if expired:
+                self._lose_node_jobs(tx, node, "the node's grant expired", now)
+                tx.put_node(attrs.evolve(
+                    node, state=apply_node_action(node.state, NodeAction.SHUTDOWN),
+                    session_hash=None,
+                ))
+                self._forget_sessions(node_id)
+        if expired:
+            raise NodeAuthError("the node's grant has expired (register with a new grant)")
         with self._store.transaction() as tx:
             node = self._live_node(tx, node_id)
             state = apply_node_action(node.state, NodeAction.HEARTBEAT)

@@ -592,6 +592,25 @@ def test_timeouts_queue_deadline_and_late_receipt(network_store: Store) -> None:
     world.conserved()
 
 
+def test_expired_grant_ends_the_node_at_its_next_heartbeat(world: World) -> None:
+    node_key = generate_key()
+    node = world.register(node_key, world.grant(node_key, expires_in=100))
+    world.beat(node)
+    job_id = world.submit()
+    world.c.lease(node, 1, world.now)
+    world.now += 95  # within the grant, and the node keeps beating
+    world.beat(node)
+    world.now += 10
+    with pytest.raises(NodeAuthError, match="grant"):
+        world.beat(node)
+    assert world.c.list_nodes()[0].state == NodeState.DEAD
+    with pytest.raises(NodeAuthError):
+        world.c.authenticate_node(world.sessions[node], world.now)
+    assert world.c.get_job(job_id).state == JobState.QUEUED
+    world.register(node_key)  # a fresh grant admits it again
+    assert world.beat(node).state == NodeState.READY
+
+
 def test_reregistering_live_node_requeues_its_unstarted_jobs(world: World) -> None:
     node = world.admit()
     job_id = world.submit()

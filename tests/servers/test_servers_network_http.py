@@ -170,9 +170,12 @@ async def test_cloud_to_node_round_trip_and_settlement() -> None:
                               DoneEvent(0, "stop", 5, 2)]
             [outcome] = receipts
             assert outcome["charge"] == 1  # (5 * 100 + 2 * 200) / 1000 rounded up
-            balance = await http.request("GET", "/network/v1/accounts/alice",
-                                         headers={"authorization": f"Bearer {SERVICE}"})
-            assert balance.json() == {"account_id": "alice", "balance": 99_999, "reserved": 0}
+            service = {"authorization": f"Bearer {SERVICE}"}
+            balance = await http.get_json("/network/v1/accounts/alice", headers=service)
+            assert balance == {"account_id": "alice", "balance": 99_999, "reserved": 0}
+            ledger = await http.get_json("/network/v1/accounts/alice/ledger", headers=service)
+            kinds = [(e["kind"], e["amount"]) for e in ledger["data"]]
+            assert kinds == [("credit", 100_000), ("reserve", -500), ("refund", 499)]
         finally:
             await cloud.aclose()
 
@@ -354,3 +357,49 @@ async def test_shutdown_ends_lease_long_polls_at_once() -> None:
             d.app.begin_shutdown()
     assert results == [[]]
     assert anyio.current_time() - started < 3
+
+
+async def test_node_protocol_errors_over_http() -> None:
+    async with deployment() as d, HTTPClient(d.server.url) as http:
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+        other = ScriptedNode(http, generate_key())
+        await other.admit(d.owner, d.config_hash)
+        service = {"authorization": f"Bearer {SERVICE}"}
+        submitted = await http.post_json("/network/v1/jobs", {
+            "account_id": "alice", "model": "tiny", "request": {"prompt": "x"}, "reserve": 50,
+        }, headers=service)
+        job_id = submitted["job_id"]
+        runner = node if submitted["node_id"] == node.node_id else other
+        stranger = other if runner is node else node
+        [lease] = await runner.lease(1_000)
+        # Someone else's node id in a lease request: 401.
+        response = await http.request(
+            "POST", "/network/v1/nodes/lease",
+            json=LeaseRequest(stranger.node_id, 1, 0).to_payload(), headers=runner.auth())
+        assert response.status == 401
+        # Events out of order: 409; for a job leased to another node: 409.
+        gap = JobEvent(job_id, 3, "token", text="x", token_ids=(1,)).to_payload()
+        response = await http.request("POST", "/network/v1/nodes/events",
+                                      json={"events": [gap]}, headers=runner.auth())
+        assert response.status == 409
+        first = JobEvent(job_id, 0, "token", text="x", token_ids=(1,)).to_payload()
+        response = await http.request("POST", "/network/v1/nodes/events",
+                                      json={"events": [first]}, headers=stranger.auth())
+        assert response.status == 409
+        # A receipt signed by another key: 400; the right one settles.
+        receipt = Receipt(job_id, runner.node_id, "tiny", canonical_digest(lease["request"]),
+                          "sha256:" + "0" * 64, 1, 1, int(time.time()))
+        forged = sign_receipt(receipt, stranger.key).to_payload()
+        response = await http.request("POST", "/network/v1/nodes/receipts",
+                                      json=ReceiptSubmit(forged).to_payload(),
+                                      headers=runner.auth())
+        assert response.status == 400
+        assert response.json()["error"]["code"] == "receipt_refused"
+        good = ReceiptSubmit(sign_receipt(receipt, runner.key).to_payload()).to_payload()
+        outcome = await http.post_json("/network/v1/nodes/receipts", good, headers=runner.auth())
+        assert outcome["charge"] == 1
+        again = await http.post_json("/network/v1/nodes/receipts", good, headers=runner.auth())
+        assert again["duplicate"] is True
+        job = await http.get_json(f"/network/v1/jobs/{job_id}", headers=service)
+        assert (job["state"], job["charge"], job["settled"]) == ("done", 1, True)
