@@ -37,7 +37,8 @@ from ._records import (
 )
 from ._serve import DB_FILE, NetworkSettings, open_store, running_network, serve_network
 from ._settings import CoordinatorSettings
-from ._sqlite import SCHEMA_VERSION, SQLiteStore
+from ._sqlite import SQLiteStore
+from ._sqlite_schema import SCHEMA_VERSION
 from ._store import ACTIVE_JOB_STATES, Store, StoreTx
 
 __all__ = [

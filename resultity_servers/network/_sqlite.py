@@ -4,7 +4,7 @@ Durability: WAL journal, ``synchronous=NORMAL`` by default (a committed transact
 crash of the process; ``FULL`` also survives power loss at the price of an fsync per commit).
 Every ``transaction()`` is ``BEGIN IMMEDIATE`` ... ``COMMIT``, so the job, receipt and ledger
 rows of one coordinator step land together or not at all. The schema version lives in
-``PRAGMA user_version``; ``_MIGRATIONS[i]`` takes version ``i`` to ``i + 1``.
+``PRAGMA user_version``; ``MIGRATIONS[i]`` takes version ``i`` to ``i + 1``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from resultity_core import (
-    PLATFORM_ACCOUNT,
     AccountExistsError,
-    Capabilities,
     JobState,
     LedgerState,
-    NodeState,
-    Price,
     Reservation,
     UnknownAccountError,
 )
@@ -39,97 +35,18 @@ from ._records import (
     ReceiptRecord,
     SnapshotRecord,
 )
+from ._sqlite_schema import (
+    JOB_COLUMNS,
+    MIGRATIONS,
+    NODE_COLUMNS,
+    SCHEMA_VERSION,
+    dumps,
+    job_from_row,
+    node_from_row,
+)
 from ._store import ACTIVE_JOB_STATES, Store, StoreTx
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
-
-_MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE accounts (
-        account_id TEXT PRIMARY KEY, created REAL NOT NULL, public_key TEXT,
-        balance INTEGER NOT NULL DEFAULT 0 CHECK (balance >= 0));
-    CREATE TABLE api_keys (
-        key_hash TEXT PRIMARY KEY, account_id TEXT NOT NULL REFERENCES accounts(account_id),
-        created REAL NOT NULL, prefix TEXT NOT NULL);
-    CREATE TABLE nodes (
-        node_id TEXT PRIMARY KEY, public_key TEXT NOT NULL, account_id TEXT NOT NULL,
-        state TEXT NOT NULL, registered_at REAL NOT NULL, last_heartbeat REAL NOT NULL,
-        capabilities TEXT NOT NULL, config_hash TEXT, active_jobs INTEGER NOT NULL,
-        free_slots INTEGER NOT NULL, session_hash TEXT UNIQUE, session_expires REAL NOT NULL);
-    CREATE TABLE grants (
-        node_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, envelope TEXT NOT NULL,
-        issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL);
-    CREATE TABLE snapshots (
-        config_hash TEXT PRIMARY KEY, envelope TEXT NOT NULL, version INTEGER NOT NULL,
-        published_at REAL NOT NULL);
-    CREATE TABLE jobs (
-        job_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, model TEXT NOT NULL,
-        request TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL,
-        max_tokens INTEGER NOT NULL, prompt_tokens_estimate INTEGER NOT NULL,
-        price_prompt INTEGER NOT NULL, price_completion INTEGER NOT NULL,
-        reserved INTEGER NOT NULL, choices INTEGER NOT NULL, node_id TEXT,
-        attempts INTEGER NOT NULL,
-        first_token_at REAL, finished_at REAL, deadline REAL,
-        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
-        charge INTEGER, settled INTEGER NOT NULL, error TEXT);
-    CREATE INDEX jobs_state ON jobs (state, node_id, created);
-    CREATE INDEX jobs_unsettled ON jobs (state, created) WHERE settled = 0;
-
-    CREATE TABLE receipts (
-        job_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, envelope TEXT NOT NULL,
-        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
-        received_at REAL NOT NULL, charge INTEGER, payee_account TEXT,
-        payee_amount INTEGER NOT NULL, platform_amount INTEGER NOT NULL);
-    CREATE TABLE reservations (
-        reservation_id TEXT PRIMARY KEY, account_id TEXT NOT NULL,
-        amount INTEGER NOT NULL CHECK (amount >= 0));
-    CREATE INDEX reservations_account ON reservations (account_id);
-    CREATE TABLE ledger_entries (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL,
-        account_id TEXT NOT NULL, amount INTEGER NOT NULL, job_id TEXT);
-    CREATE INDEX ledger_entries_account ON ledger_entries (account_id, seq);
-    INSERT INTO meta VALUES ('minted', '0');
-    INSERT INTO accounts (account_id, created) VALUES ('platform', 0);
-    """,
-)
-SCHEMA_VERSION = len(_MIGRATIONS)
-assert PLATFORM_ACCOUNT == "platform"
-
-_JOB_COLUMNS = (
-    "job_id, account_id, model, request, state, created, max_tokens, prompt_tokens_estimate, "
-    "price_prompt, price_completion, reserved, choices, node_id, attempts, first_token_at, "
-    "finished_at, deadline, prompt_tokens, completion_tokens, charge, settled, error"
-)
-_NODE_COLUMNS = (
-    "node_id, public_key, account_id, state, registered_at, last_heartbeat, capabilities, "
-    "config_hash, active_jobs, free_slots, session_hash, session_expires"
-)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _job(row: sqlite3.Row) -> JobRecord:
-    return JobRecord(
-        job_id=row[0], account_id=row[1], model=row[2], request=json.loads(row[3]),
-        state=JobState(row[4]), created=row[5], max_tokens=row[6],
-        prompt_tokens_estimate=row[7], price=Price(row[8], row[9]), reserved=row[10],
-        choices=row[11], node_id=row[12], attempts=row[13], first_token_at=row[14],
-        finished_at=row[15], deadline=row[16], prompt_tokens=row[17], completion_tokens=row[18],
-        charge=row[19], settled=bool(row[20]), error=row[21],
-    )
-
-
-def _node(row: sqlite3.Row) -> NodeRecord:
-    return NodeRecord(
-        node_id=row[0], public_key=row[1], account_id=row[2], state=NodeState(row[3]),
-        registered_at=row[4], last_heartbeat=row[5],
-        capabilities=Capabilities.from_payload(json.loads(row[6])), config_hash=row[7],
-        active_jobs=row[8], free_slots=row[9], session_hash=row[10], session_expires=row[11],
-    )
-
+__all__ = ["SQLiteStore"]
 
 class SQLiteStore(Store, StoreTx):
     """The store in ``path`` (created with its directory if missing; migrated on open).
@@ -166,7 +83,7 @@ class SQLiteStore(Store, StoreTx):
         for index in range(version, SCHEMA_VERSION):
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _MIGRATIONS[index].split(";"):
+                for statement in MIGRATIONS[index].split(";"):
                     if statement.strip():
                         self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={index + 1}")
@@ -253,33 +170,33 @@ class SQLiteStore(Store, StoreTx):
 
     def put_node(self, record: NodeRecord) -> None:
         self._db.execute(
-            f"INSERT OR REPLACE INTO nodes ({_NODE_COLUMNS}) "
+            f"INSERT OR REPLACE INTO nodes ({NODE_COLUMNS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.node_id, record.public_key, record.account_id, str(record.state),
                 record.registered_at, record.last_heartbeat,
-                _dumps(record.capabilities.to_payload()), record.config_hash,
+                dumps(record.capabilities.to_payload()), record.config_hash,
                 record.active_jobs, record.free_slots, record.session_hash,
                 record.session_expires,
             ),
         )
 
     def get_node(self, node_id: str) -> NodeRecord | None:
-        row = self._one(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = ?", node_id)
-        return None if row is None else _node(row)
+        row = self._one(f"SELECT {NODE_COLUMNS} FROM nodes WHERE node_id = ?", node_id)
+        return None if row is None else node_from_row(row)
 
     def node_by_session(self, session_hash: str) -> NodeRecord | None:
-        row = self._one(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE session_hash = ?", session_hash)
-        return None if row is None else _node(row)
+        row = self._one(f"SELECT {NODE_COLUMNS} FROM nodes WHERE session_hash = ?", session_hash)
+        return None if row is None else node_from_row(row)
 
     def list_nodes(self) -> list[NodeRecord]:
-        return [_node(r) for r in self._db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes "
+        return [node_from_row(r) for r in self._db.execute(f"SELECT {NODE_COLUMNS} FROM nodes "
                                                    "ORDER BY node_id")]
 
     def put_grant(self, record: GrantRecord) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO grants VALUES (?, ?, ?, ?, ?)",
-            (record.node_id, record.account_id, _dumps(record.envelope), record.issued_at,
+            (record.node_id, record.account_id, dumps(record.envelope), record.issued_at,
              record.expires_at),
         )
 
@@ -293,7 +210,7 @@ class SQLiteStore(Store, StoreTx):
     def put_snapshot(self, record: SnapshotRecord) -> None:
         self._db.execute(
             "INSERT OR IGNORE INTO snapshots VALUES (?, ?, ?, ?)",
-            (record.config_hash, _dumps(record.envelope), record.version, record.published_at),
+            (record.config_hash, dumps(record.envelope), record.version, record.published_at),
         )
 
     def get_snapshot(self, config_hash: str) -> SnapshotRecord | None:
@@ -314,7 +231,7 @@ class SQLiteStore(Store, StoreTx):
 
     def _job_values(self, r: JobRecord) -> tuple[Any, ...]:
         return (
-            r.job_id, r.account_id, r.model, _dumps(r.request), str(r.state), r.created,
+            r.job_id, r.account_id, r.model, dumps(r.request), str(r.state), r.created,
             r.max_tokens, r.prompt_tokens_estimate, r.price.prompt_per_1k,
             r.price.completion_per_1k, r.reserved, r.choices, r.node_id, r.attempts,
             r.first_token_at, r.finished_at, r.deadline, r.prompt_tokens, r.completion_tokens,
@@ -324,14 +241,14 @@ class SQLiteStore(Store, StoreTx):
     def insert_job(self, record: JobRecord) -> None:
         try:
             self._db.execute(
-                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 22)})",
+                f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 22)})",
                 self._job_values(record),
             )
         except sqlite3.IntegrityError:
             raise JobStateError(f"job {record.job_id!r} already exists") from None
 
     def update_job(self, record: JobRecord) -> None:
-        names = [c.strip() for c in _JOB_COLUMNS.split(",")][1:]
+        names = [c.strip() for c in JOB_COLUMNS.split(",")][1:]
         values = self._job_values(record)
         cur = self._db.execute(
             f"UPDATE jobs SET {', '.join(n + ' = ?' for n in names)} WHERE job_id = ?",
@@ -341,8 +258,8 @@ class SQLiteStore(Store, StoreTx):
             raise KeyError(record.job_id)
 
     def get_job(self, job_id: str) -> JobRecord | None:
-        row = self._one(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", job_id)
-        return None if row is None else _job(row)
+        row = self._one(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?", job_id)
+        return None if row is None else job_from_row(row)
 
     def list_jobs(
         self,
@@ -354,7 +271,7 @@ class SQLiteStore(Store, StoreTx):
         limit: int | None = None,
     ) -> list[JobRecord]:
         wanted = [str(s) for s in states]
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({', '.join('?' * len(wanted))})"
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({', '.join('?' * len(wanted))})"
         args: list[Any] = list(wanted)
         if node_id is not None:
             sql += " AND node_id = ?"
@@ -367,7 +284,7 @@ class SQLiteStore(Store, StoreTx):
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [_job(row) for row in self._db.execute(sql, args)]
+        return [job_from_row(row) for row in self._db.execute(sql, args)]
 
     def active_job_counts(self) -> dict[str, int]:
         states = [str(s) for s in ACTIVE_JOB_STATES]
@@ -382,7 +299,7 @@ class SQLiteStore(Store, StoreTx):
         try:
             self._db.execute(
                 "INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.job_id, record.node_id, _dumps(record.envelope), record.prompt_tokens,
+                (record.job_id, record.node_id, dumps(record.envelope), record.prompt_tokens,
                  record.completion_tokens, record.received_at, record.charge,
                  record.payee_account, record.payee_amount, record.platform_amount),
             )
