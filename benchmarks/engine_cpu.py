@@ -1,6 +1,6 @@
 """Engine throughput and latency on CPU, on the ``small`` preset (about 100M parameters).
 
-Run: ``python benchmarks/engine_cpu.py [--model DIR] [--tokens 64] [--dtype float32]``
+Run: ``python benchmarks/engine_cpu.py [--model DIR] [--tokens 64] [--skip-hf] [--skip-bf16]``
 
 The model directory is created with ``init_model_dir`` (preset small, seed 0) under
 ``~/.cache/resultity/models/small-seed0`` unless it exists. Figures, in one run:
@@ -97,7 +97,6 @@ def bench_hf_decode(model_dir: Path, prompt: list[int], n: int, runs: int) -> fl
     gen(4)()  # warm up
     t1 = _best_of(runs, gen(1))
     tn = _best_of(runs, gen(n))
-    del model
     return (n - 1) / (tn - t1)
 
 
@@ -127,68 +126,89 @@ def bench_ttft(engine: Engine, length: int, runs: int) -> float:
     return statistics.median(times)
 
 
+def measure_engine(
+    model: Path, dtype: str, tokens: int, prompt_len: int, runs: int
+) -> tuple[dict[str, float], list[int]]:
+    t0 = time.perf_counter()
+    # the step budget (512 tokens) bounds activation memory whatever the number of requests
+    engine = Engine.from_pretrained(model, device="cpu", dtype=dtype, kv_cache_bytes=256 << 20,
+                                    max_num_seqs=64, max_num_batched_tokens=512)
+    res = {"load_s": time.perf_counter() - t0, "kv_mib": engine.kv_cache.nbytes / 2**20}
+    prompt = _prompt_ids(engine, prompt_len)
+    engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))  # warm up
+    for count in (1, 16, 64):
+        res[f"agg{count}"], res[f"rss{count}"] = bench_concurrent(engine, prompt, count, tokens)
+    res["ttft"] = bench_ttft(engine, 512, runs)
+    res["decode"] = bench_engine_decode(engine, prompt, tokens, runs)
+    return res, prompt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_DIR)
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
 
     if not (args.model / "model.safetensors").is_file():
         print(f"creating the small preset in {args.model}", file=sys.stderr)
         init_model_dir(args.model, "small", seed=0, progress=True)
-    load = open("/proc/loadavg").read().split()[:3]
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"loadavg before {' '.join(load)}")
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, loadavg before {' '.join(load)}")
+    if not _reset_peak_rss():
+        print("# /proc/self/clear_refs not writable: peak RSS is cumulative")
 
-    t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model, device="cpu", dtype=args.dtype,
-                                    kv_cache_bytes=768 << 20, max_num_seqs=64,
-                                    max_num_batched_tokens=2048)
-    load_s = time.perf_counter() - t0
-    prompt = _prompt_ids(engine, args.prompt_len)
-    engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))  # warm up
-    rows: list[tuple[str, str]] = [("engine load (s)", f"{load_s:.2f}"),
-                                   ("KV pool (MiB, allocated once)",
-                                    f"{engine.kv_cache.nbytes / 2**20:.0f}")]
-
-    rss: dict[int, int] = {}
-    agg: dict[int, float] = {}
-    for count in (1, 16, 64):
-        agg[count], rss[count] = bench_concurrent(engine, prompt, count, args.tokens)
-    ttft = bench_ttft(engine, 512, args.runs)
-    decode = bench_engine_decode(engine, prompt, args.tokens, args.runs)
-
-    rows += [
-        ("engine decode tok/s, batch 1", f"{decode:.1f}"),
+    fp32, prompt = measure_engine(args.model, "float32", args.tokens, args.prompt_len, args.runs)
+    rows: list[tuple[str, str]] = [
+        ("engine load (s)", f"{fp32['load_s']:.2f}"),
+        ("KV pool (MiB, allocated once)", f"{fp32['kv_mib']:.0f}"),
+        ("engine fp32 decode tok/s, batch 1", f"{fp32['decode']:.1f}"),
     ]
     if not args.skip_hf:
         hf = bench_hf_decode(args.model, prompt, args.tokens, args.runs)
-        rows += [("transformers generate decode tok/s, batch 1", f"{hf:.1f}"),
-                 ("engine / transformers (target >= 2x)", f"{decode / hf:.2f}x")]
+        rows += [("transformers fp32 generate decode tok/s, batch 1", f"{hf:.1f}"),
+                 ("engine fp32 / transformers (target >= 2x)", f"{fp32['decode'] / hf:.2f}x")]
     rows += [
-        ("aggregate tok/s, 1 request", f"{agg[1]:.1f}"),
-        ("aggregate tok/s, 16 concurrent", f"{agg[16]:.1f}"),
-        ("16 vs 1 (target >= 8x)", f"{agg[16] / agg[1]:.2f}x"),
-        ("aggregate tok/s, 64 concurrent", f"{agg[64]:.1f}"),
-        ("time to first token, 512-token prompt (ms)", f"{ttft * 1000:.0f}"),
-        ("peak RSS, 1 request (MiB)", f"{rss[1] / 1024:.0f}"),
-        ("peak RSS, 16 requests (MiB)", f"{rss[16] / 1024:.0f}"),
-        ("peak RSS, 64 requests (MiB)", f"{rss[64] / 1024:.0f}"),
+        ("engine fp32 aggregate tok/s, 1 request", f"{fp32['agg1']:.1f}"),
+        ("engine fp32 aggregate tok/s, 16 concurrent", f"{fp32['agg16']:.1f}"),
+        ("engine fp32 16 vs 1 (target >= 8x)", f"{fp32['agg16'] / fp32['agg1']:.2f}x"),
+        ("engine fp32 aggregate tok/s, 64 concurrent", f"{fp32['agg64']:.1f}"),
+        ("engine fp32 time to first token, 512-token prompt (ms)", f"{fp32['ttft'] * 1e3:.0f}"),
+        ("peak RSS, 1 request (MiB)", f"{fp32['rss1'] / 1024:.0f}"),
+        ("peak RSS, 16 requests (MiB)", f"{fp32['rss16'] / 1024:.0f}"),
+        ("peak RSS, 64 requests (MiB)", f"{fp32['rss64'] / 1024:.0f}"),
     ]
+    if not args.skip_bf16:
+        bf, _ = measure_engine(args.model, "bfloat16", args.tokens, args.prompt_len, args.runs)
+        rows += [("engine bf16 decode tok/s, batch 1", f"{bf['decode']:.1f}")]
+        if not args.skip_hf:
+            rows += [("engine bf16 / transformers fp32", f"{bf['decode'] / hf:.2f}x")]
+        rows += [
+            ("engine bf16 aggregate tok/s, 1 request", f"{bf['agg1']:.1f}"),
+            ("engine bf16 aggregate tok/s, 16 concurrent", f"{bf['agg16']:.1f}"),
+            ("engine bf16 16 vs 1", f"{bf['agg16'] / bf['agg1']:.2f}x"),
+            ("engine bf16 aggregate tok/s, 64 concurrent", f"{bf['agg64']:.1f}"),
+            ("engine bf16 time to first token, 512-token prompt (ms)", f"{bf['ttft'] * 1e3:.0f}"),
+        ]
     width = max(len(k) for k, _ in rows)
-    print(f"# model {args.model} dtype {args.dtype}, prompt {args.prompt_len} tokens, "
-          f"{args.tokens} generated per request")
+    print(f"# model {args.model}, prompt {args.prompt_len} tokens, "
+          f"{args.tokens} generated per request, greedy")
     print(f"| {'measure'.ljust(width)} | value |")
     print(f"|{'-' * (width + 2)}|-------|")
     for k, v in rows:
         print(f"| {k.ljust(width)} | {v} |")
-    load = open("/proc/loadavg").read().split()[:3]
-    print(f"# loadavg after {' '.join(load)}")
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    print(f"# loadavg after {' '.join(load)}; this process used {cpu:.0f} CPU-s in {wall:.0f} s "
+          f"({cpu / wall / torch.get_num_threads():.0%} of its {torch.get_num_threads()} threads)")
     return 0
 
 

@@ -46,6 +46,7 @@ class BlockManager:
         self._tables: dict[int, list[int]] = {}
         # per sequence: digests of its leading full blocks that are registered or known
         self._digests: dict[int, list[bytes]] = {}
+        self.hit_tokens = 0  # prompt tokens served from the prefix cache (a running total)
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -128,6 +129,7 @@ class BlockManager:
         table = hits + [self._pop_free() for _ in range(fresh)]
         self._tables[seq_id] = table
         self._digests[seq_id] = digests
+        self.hit_tokens += len(hits) * self.block_size
         return len(hits) * self.block_size
 
     def can_append(self, seq_id: int, num_tokens: int) -> bool:

@@ -47,12 +47,15 @@ class EngineRequestError(RuntimeEngineError, ValueError):
 
 
 def _select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """Returns the attention backend: "auto" is triton on CUDA when it imports, else torch.
+
+    "triton" is honoured on any device (on CPU the Triton backend runs its kernels only under
+    TRITON_INTERPRET=1 and otherwise defers to the torch reference).
+    """
     if name not in ("auto", "torch", "triton"):
         raise ValueError(f"backend: unknown {name!r} (use auto, torch or triton)")
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchAttentionBackend()
-    if device.type != "cuda":
-        raise ValueError("backend: triton needs a CUDA device")
     try:
         module = importlib.import_module("resultity_runtime._triton_backend")
     except ImportError:
@@ -105,7 +108,20 @@ class _Request:
 
 
 class Engine:
-    """Runs one model for many concurrent requests. Build it with ``from_pretrained``."""
+    """Runs one model for many concurrent requests. Build it with ``from_pretrained``.
+
+    Settings: ``kv_cache_bytes`` (KV pool size; default ``memory_fraction`` of free memory,
+    0.25 of MemAvailable on CPU and 0.85 of free GPU memory on CUDA, capped at what
+    ``max_num_seqs`` sequences of ``max_model_len`` tokens can use), ``max_num_seqs`` (running
+    sequences per step), ``max_num_batched_tokens`` (tokens per step: decodes first, then
+    prefill chunks), ``block_size`` (tokens per KV block), ``max_model_len`` (default the
+    model's max_position_embeddings), ``enable_prefix_caching`` (share computed prompt blocks
+    between requests), ``backend`` ("auto": triton on CUDA when it imports, else torch),
+    ``seed`` (for sampled requests without their own seed).
+
+    Finish reasons: "stop" (EOS, a stop token id or a stop string), "length" (max_tokens or
+    the context limit), "abort" (cancelled).
+    """
 
     def __init__(
         self,
@@ -532,7 +548,7 @@ class Engine:
         Steps run in worker threads; closing or cancelling the iterator aborts the request,
         which frees its blocks within one step. Raises EngineRequestError like add_request.
         """
-        import anyio.to_thread  # noqa: PLC0415  (anyio is needed only for streaming)
+        import anyio.to_thread  # only streaming needs anyio
 
         params = params or SamplingParams()
         rid = request_id or self.new_request_id()

@@ -49,6 +49,7 @@ def test_prefix_blocks_are_shared_only_when_computed() -> None:
     bm.free(2)
     bm.mark_computed(1, prompt, 10)
     assert bm.allocate(3, [*prompt, 99]) == 8
+    assert bm.hit_tokens == 8
     assert bm.block_table(3)[:2] == bm.block_table(1)[:2]
     assert bm.block_table(3)[2] != bm.block_table(1)[2]
     assert bm.ref_counts[bm.block_table(1)[0]] == 2

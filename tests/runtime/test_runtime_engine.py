@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -40,8 +43,11 @@ def _all_free(engine: Engine) -> bool:
 def test_batched_greedy_matches_one_at_a_time(engine: Engine, solo: list[tuple[int, ...]]) -> None:
     # mixed lengths, two prompts longer than a block of 8
     assert len(engine.tokenizer.encode(PROMPTS[1])) > 16
+    hits = engine.scheduler.block_manager.hit_tokens
     outs = engine.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == solo
+    # the long prompts were served partly from the prefix cache the solo runs filled
+    assert engine.scheduler.block_manager.hit_tokens > hits
     assert all(o.finish_reason == "length" and len(o.token_ids) == 12 for o in outs)
     assert len({o.request_id for o in outs}) == len(PROMPTS)
     assert outs[0].usage.prompt_tokens == len(outs[0].prompt_token_ids)
@@ -358,3 +364,34 @@ def test_public_names_resolve() -> None:
         assert getattr(resultity_runtime, name) is not None
     with pytest.raises(AttributeError):
         _ = resultity_runtime.NoSuchName  # type: ignore[attr-defined]
+
+
+_TRITON_CHECK = """
+import sys
+from resultity_runtime import Engine, SamplingParams
+torch_e = Engine.from_pretrained(sys.argv[1], kv_cache_bytes=4 << 20, block_size=8,
+                                 max_num_batched_tokens=64, backend="torch")
+tri = Engine(torch_e.model, torch_e.config, torch_e.tokenizer, kv_cache_bytes=4 << 20,
+             block_size=8, max_num_batched_tokens=64, backend="triton")
+assert tri.backend.name == "triton"
+params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+prompts = sys.argv[2:]
+def run(engine):
+    first = engine.generate(prompts[:1], params)  # its blocks are then cached
+    return [o.token_ids for o in first + engine.generate(prompts[1:], params)]
+want = run(torch_e)
+got = run(tri)
+assert got == want, (got, want)
+assert tri.scheduler.block_manager.hit_tokens > 0
+"""
+
+
+@pytest.mark.slow
+def test_triton_backend_matches_torch_under_the_interpreter(tiny_model_dir: Path) -> None:
+    pytest.importorskip("triton")
+    # TRITON_INTERPRET must be set before triton compiles anything: use a fresh process.
+    # prefill, chunked prefill over a cached prefix (the repeat), mixed prefill + decode steps
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[1] + " again"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", _TRITON_CHECK, str(tiny_model_dir), *prompts],
+                   check=True, env=env, timeout=300)
