@@ -1,7 +1,28 @@
 """resultity_servers.network: the Network coordinator, its stores and its HTTP app.
 
-``Coordinator`` is sans-IO (the caller passes ``now``) over a ``Store`` (``MemoryStore`` or
-the durable ``SQLiteStore``). The HTTP app and ``serve_network`` drive it with anyio.
+``Coordinator`` is sans-IO (every call takes ``now``, Unix seconds) over a ``Store``:
+``MemoryStore`` (tests) or ``SQLiteStore`` (WAL, durable, versioned schema). ``NetworkApp``
+serves it over the shared HTTP layer; ``serve_network`` / ``running_network`` start it from
+``NetworkSettings``. Importing this package never imports torch.
+
+Trust decisions, in one place:
+
+* an account registers an Ed25519 public key (at creation or later); a ``NodeGrant`` is
+  accepted only when signed by its account's registered key;
+* a node proves its key by signing ``bytes.fromhex(challenge.nonce)``; it then uses a random
+  session token (``Authorization: Bearer rns-...``), stored hashed, valid until it dies
+  (heartbeat timeout, expired grant, new registration) or ``session_ttl_s`` passes;
+* the Cloud and operators use one shared service token;
+* receipts must verify against the node's registered key and match the job (node, model,
+  ``request_hash == canonical_digest(lease.request)``).
+
+HTTP routes (prefix ``/network/v1``): nodes ``POST nodes/register``, ``nodes/challenge``
+(open), ``nodes/heartbeat``, ``nodes/lease`` (long poll), ``nodes/events``,
+``nodes/receipts`` (session); ``GET config``, ``config/{hash}`` = ``snapshots/{hash}``,
+``health`` (open); Cloud ``POST auth``, ``GET models``, ``GET status``, ``POST jobs``,
+``GET jobs/{id}``, ``GET jobs/{id}/events`` (SSE), ``POST jobs/{id}/cancel``; operators
+``POST config``, ``GET|POST accounts``, ``GET accounts/{id}``, ``GET accounts/{id}/ledger``,
+``POST accounts/{id}/credit|keys|public-key`` (service token).
 """
 
 from __future__ import annotations
