@@ -30,7 +30,7 @@ def _prefill_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt,
     head_dim,
-    GROUP: tl.constexpr, PAGE: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    GROUP: tl.constexpr, PAGE: tl.constexpr, HAS_PREFIX: tl.constexpr, SKIP_SINGLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # the last query tiles of a causal sequence do the most work: launch them first
@@ -40,7 +40,10 @@ def _prefill_kernel(
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     m_start = pid_m * BLOCK_M
-    if m_start < q_len:
+    run = m_start < q_len
+    if SKIP_SINGLE:
+        run = run & (q_len > 1)  # single-token rows are left to the paged decode kernel
+    if run:
         kvh = head // GROUP
         offs_m = m_start + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -185,6 +188,7 @@ def prefill_attention(
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
     validate: bool = True,
+    skip_single_token: bool = False,
 ) -> torch.Tensor:
     """Causal GQA attention of packed new tokens, each over its own sequence.
 
@@ -195,7 +199,9 @@ def prefill_attention(
     has ``seq_lens[b] - q_len_b`` cached tokens that every new token attends to.
     ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the tile choice
     (BLOCK_M % BLOCK_N == 0). ``validate=False`` skips the argument checks (for callers that
-    build the arguments themselves, once per layer and step). Returns ``out`` (or a new tensor)
+    build the arguments themselves, once per layer and step). ``skip_single_token`` leaves the
+    rows of sequences with a single new token unwritten (a caller hands those to
+    paged_decode_attention, which suits them better). Returns ``out`` (or a new tensor)
     [N, Hq, D] in q's dtype.
 
     Raises:
@@ -243,7 +249,7 @@ def prefill_attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), *cache_strides,
         d,
-        GROUP=hq // hkv, PAGE=page, HAS_PREFIX=has_prefix,
+        GROUP=hq // hkv, PAGE=page, HAS_PREFIX=has_prefix, SKIP_SINGLE=skip_single_token,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
         num_warps=num_warps, num_stages=num_stages,
     )

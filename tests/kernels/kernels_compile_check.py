@@ -48,7 +48,8 @@ def cases():
         for d, prefix in ((128, True), (64, False)):
             names = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "k_cache_ptr", "v_cache_ptr")
             ptrs = dict.fromkeys(names, "*" + dtype)
-            consts = {"GROUP": 4, "PAGE": 16, "HAS_PREFIX": prefix, "BLOCK_M": 128,
+            consts = {"GROUP": 4, "PAGE": 16, "HAS_PREFIX": prefix, "SKIP_SINGLE": prefix,
+                      "BLOCK_M": 128,
                       "BLOCK_N": 64, "BLOCK_D": d}
             yield (f"prefill-{dtype}-d{d}-prefix{prefix}", pre._prefill_kernel, ptrs, consts,
                    {"num_warps": 8 if d == 128 else 4, "num_stages": 2})

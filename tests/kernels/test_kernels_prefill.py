@@ -94,3 +94,24 @@ def test_prefill_rejects_bad_arguments():
         prefill_attention_ref(q, k, k.double(), cu)
     with pytest.raises(ValueError, match="all four or none"):
         prefill_attention_ref(q, k, k, cu, k_cache=torch.randn(2, 16, 2, 16))
+
+
+def test_prefill_can_leave_single_token_rows_to_the_decode_kernel(target):
+    device, dtype, tol = target
+    d = _head_dims(device)[0]
+    gen = torch.Generator().manual_seed(5)
+    lens, prefix = [1, 17, 1], [20, 3, 0]
+    seq = [p + m for p, m in zip(prefix, lens, strict=True)]
+    q = randn(19, 4, d, device=device, dtype=dtype, gen=gen)
+    k = randn(19, 2, d, device=device, dtype=dtype, gen=gen)
+    v = randn(19, 2, d, device=device, dtype=dtype, gen=gen)
+    k_cache, v_cache, tables = paged_cache(seq, 16, 2, d, device=device, dtype=dtype, gen=gen)
+    kwargs = {"k_cache": k_cache, "v_cache": v_cache, "block_tables": tables,
+              "seq_lens": torch.tensor(seq, dtype=torch.int32, device=device)}
+    cu = cu_seqlens(lens, device)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k, v, cu, 17, out=out, skip_single_token=True, **kwargs)
+    ref = prefill_attention_ref(q, k, v, cu, **kwargs)
+    assert out[0].isnan().all()
+    assert out[18].isnan().all()
+    assert rel_err(out[1:18], ref[1:18]) < tol

@@ -11,7 +11,7 @@ from resultity_runtime._attention import TorchAttentionBackend, build_metadata
 triton_backend = pytest.importorskip("resultity_runtime._triton_backend")
 
 
-def _step(target, query_lens, seq_lens, hq=4, hkv=2, page=16, seed=0):
+def _step(target, query_lens, seq_lens, hq=4, hkv=2, page=16, seed=0, python_lens=True):
     """Run one step through both backends on identical caches; return both outputs, caches."""
     device, dtype, tol = target
     d = 32 if device.type == "cpu" else 128
@@ -23,6 +23,8 @@ def _step(target, query_lens, seq_lens, hq=4, hkv=2, page=16, seed=0):
         tables.append(order[used:used + n])
         used += n
     meta = build_metadata(query_lens, seq_lens, tables, page, device)
+    if not python_lens:  # without the python copies the backend cannot split a mixed step
+        meta.query_lens = meta.seq_lens_list = None
     num_blocks = sum(need) + 2
     # earlier tokens of every sequence are already cached; new tokens' slots start as NaN
     k_cache = randn(num_blocks, page, hkv, d, device=device, dtype=dtype, gen=gen)
@@ -47,9 +49,10 @@ def test_decode_step_matches_torch_backend(target):
     _step(target, [1, 1, 1, 1], [1, 16, 17, 90])
 
 
-def test_mixed_prefill_step_matches_torch_backend(target):
+@pytest.mark.parametrize("python_lens", [True, False])
+def test_mixed_prefill_step_matches_torch_backend(target, python_lens):
     # a fresh prompt, a chunk over a cached prefix, and two decode rows in one step
-    _step(target, [17, 9, 1, 1], [17, 40, 33, 1])
+    _step(target, [17, 9, 1, 1], [17, 40, 33, 1], python_lens=python_lens)
 
 
 def test_backend_name():
