@@ -32,6 +32,8 @@ from resultity_kernels import _sampling as smp
 def compile_ptx(lazy, pointer_types, constexprs, **options) -> str:
     signature = {}
     for name in inspect.signature(lazy.fn).parameters:
+        if name.isupper() and name not in constexprs:
+            raise KeyError(f"{lazy.fn.__name__}: no value for constexpr {name}")
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
