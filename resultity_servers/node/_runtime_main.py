@@ -212,6 +212,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-cpu-seconds", type=int, default=0, help="0 = no limit")
     p.add_argument("--max-file-size", type=int, default=0, help="bytes, 0 = no limit")
     p.add_argument("--no-network-namespace", action="store_true")
+    p.add_argument("--readonly", action="append", default=[], metavar="PATH",
+                   help="make PATH read-only (private mount namespace)")
+    p.add_argument("--writable", action="append", default=[], metavar="PATH",
+                   help="keep PATH (inside a read-only one) writable")
+    p.add_argument("--hide", action="append", default=[], metavar="PATH",
+                   help="make PATH unreadable (private mount namespace)")
     return p.parse_args(argv)
 
 
@@ -224,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_cpu_seconds=args.max_cpu_seconds,
         max_file_size=args.max_file_size,
         network_namespace=not args.no_network_namespace,
+        readonly_paths=tuple(args.readonly),
+        writable_paths=tuple(args.writable),
+        hidden_paths=tuple(args.hide),
     ))
     proto = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)

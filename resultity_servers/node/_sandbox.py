@@ -8,12 +8,16 @@ What it does (Linux; each step best effort and reported in the ``ready`` frame):
   the Agent, never orphaned);
 * an empty network namespace (``unshare(CLONE_NEWNET)``, inside a new user namespace when not
   root): the Runtime cannot open any network connection, loopback included;
+* a private mount namespace in which the Agent's data directory is read-only (but for the
+  Runtime's working directory) and its key and grant are covered by /dev/null: the Runtime
+  holds no key material and cannot change the installed models or the trust state, though it
+  runs as the same user;
 * a cleared environment (``runtime_env``): no inherited secrets, HOME and TMPDIR in its private
   working directory, thread counts set; umask 077.
 
-What it does not do: it is no filesystem jail (the child can read what the Agent's user can,
-the node key file included unless it is kept out of reach by ownership; run the Runtime as
-another user or in a container in production), and it filters no system calls.
+What it does not do: it is no filesystem jail (outside those paths the child can read and
+write what the Agent's user can; run the Runtime as another user or in a container in
+production), and it filters no system calls.
 """
 
 from __future__ import annotations
@@ -37,17 +41,32 @@ _CLONE_NEWNET = 0x40000000
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _SIGKILL = 9
+_CLONE_NEWNS = 0x00020000
+_MS_RDONLY = 1
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+_MS_REMOUNT = 32
 
 
 @attrs.frozen
 class SandboxLimits:
-    """Limits for the Runtime child; 0 means no limit for the byte and second counts."""
+    """Limits for the Runtime child; 0 means no limit for the byte and second counts.
+
+    In the child's private mount namespace (absolute paths): ``readonly_paths`` become
+    read-only, ``writable_paths`` (inside them) stay writable, ``hidden_paths`` unreadable.
+    The Agent makes its data directory read-only except the Runtime's working directory, and
+    hides its key and grant.
+    """
 
     max_open_files: int = 256
     max_address_space: int = 0
     max_cpu_seconds: int = 0
     max_file_size: int = 0
     network_namespace: bool = True
+    readonly_paths: tuple[str, ...] = ()
+    writable_paths: tuple[str, ...] = ()
+    hidden_paths: tuple[str, ...] = ()
 
     def to_args(self) -> list[str]:
         """Return the ``_runtime_main`` command-line options for these limits."""
@@ -59,6 +78,9 @@ class SandboxLimits:
         ]
         if not self.network_namespace:
             out.append("--no-network-namespace")
+        out.extend(f"--readonly={path}" for path in self.readonly_paths)
+        out.extend(f"--writable={path}" for path in self.writable_paths)
+        out.extend(f"--hide={path}" for path in self.hidden_paths)
         return out
 
 
@@ -81,17 +103,24 @@ def _limit(kind: int, value: int) -> bool:
     return True
 
 
-def _unshare_network() -> bool:
+def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
+        return None
+
+
+def _unshare(flags: int) -> bool:
+    """Enter new namespaces (``flags``), inside a new user namespace when not root."""
+    libc = _libc()
+    if libc is None or not flags:
         return False
-    if os.geteuid() == 0 and libc.unshare(_CLONE_NEWNET) == 0:
+    if os.geteuid() == 0 and libc.unshare(flags) == 0:
         return True
     uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+    if libc.unshare(_CLONE_NEWUSER | flags) != 0:
         return False
     # Map our own ids into the new user namespace so that files keep their owner.
     with contextlib.suppress(OSError):
@@ -101,14 +130,48 @@ def _unshare_network() -> bool:
     return True
 
 
+def _mount_all(limits: SandboxLimits) -> dict[str, list[str]]:
+    """In the (new, private) mount namespace: bind ``readonly_paths`` read-only, then
+    ``writable_paths`` writable again inside them, then cover ``hidden_paths`` (a file with
+    /dev/null, a directory with an empty tmpfs). Returns the paths each step applied to."""
+    done: dict[str, list[str]] = {"readonly_paths": [], "writable_paths": [],
+                                  "hidden_paths": []}
+    libc = _libc()
+    if libc is None:
+        return done
+    mount = libc.mount
+    mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                      ctypes.c_char_p]
+    if mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        return done
+
+    def rebind(path: str, flags: int) -> bool:
+        target = os.fsencode(path)
+        return (os.path.exists(path)
+                and mount(target, target, None, _MS_BIND | _MS_REC, None) == 0
+                and mount(None, target, None, _MS_REMOUNT | _MS_BIND | flags, None) == 0)
+
+    for path in limits.readonly_paths:
+        if rebind(path, _MS_RDONLY):
+            done["readonly_paths"].append(path)
+    for path in limits.writable_paths:
+        if rebind(path, 0):
+            done["writable_paths"].append(path)
+    for path in limits.hidden_paths:
+        target = os.fsencode(path)
+        if os.path.isdir(path):
+            ok = mount(b"tmpfs", target, b"tmpfs", _MS_RDONLY, b"size=4k,mode=000") == 0
+        else:
+            ok = os.path.exists(path) and mount(b"/dev/null", target, None, _MS_BIND,
+                                                None) == 0
+        if ok:
+            done["hidden_paths"].append(path)
+    return done
+
+
 def _prctl(option: int, value: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return False
-    return bool(libc.prctl(option, value, 0, 0, 0) == 0)
+    libc = _libc()
+    return libc is not None and bool(libc.prctl(option, value, 0, 0, 0) == 0)
 
 
 def confine(limits: SandboxLimits) -> dict[str, Any]:
@@ -131,7 +194,12 @@ def confine(limits: SandboxLimits) -> dict[str, Any]:
         ("max_file_size", resource.RLIMIT_FSIZE, limits.max_file_size),
     ):
         report[key] = value if value > 0 and _limit(kind, value) else 0
-    report["network_namespace"] = limits.network_namespace and _unshare_network()
+    mounts = bool(limits.readonly_paths or limits.hidden_paths)
+    flags = (_CLONE_NEWNET if limits.network_namespace else 0) | (_CLONE_NEWNS if mounts else 0)
+    entered = _unshare(flags)
+    report["network_namespace"] = limits.network_namespace and entered
+    report.update(_mount_all(limits) if entered and mounts else {
+        "readonly_paths": [], "writable_paths": [], "hidden_paths": []})
     return report
 
 

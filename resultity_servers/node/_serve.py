@@ -149,9 +149,13 @@ def build_agent(settings: NodeSettings, transport: NetworkTransport | None = Non
         raise PayloadFormatError("grant.node_public", "is not this node's key")
     state_path = data / "trust-state.json"
     trust = _load_trust(settings, key.keyid, state_path)
+    secrets = (settings.path(settings.key_path, "node.key"),
+               settings.path(settings.grant_path, "grant.json"))
     runtime = RuntimeSpec(
         workdir=data / "runtime", command=settings.runtime_command,
-        limits=SandboxLimits(network_namespace=settings.network_namespace),
+        limits=SandboxLimits(network_namespace=settings.network_namespace,
+                             readonly_paths=(str(data.resolve()),),
+                             hidden_paths=tuple(str(p.resolve()) for p in secrets)),
         threads=settings.runtime_threads, extra_env=dict(settings.runtime_env),
         health_interval_s=settings.health_interval_s,
     )

@@ -76,8 +76,12 @@ class RuntimeSpec:
         """Return the child's command line."""
         if self.command is not None:
             return list(self.command)
+        limits = self.limits
+        if limits.readonly_paths:  # the working directory must stay writable
+            limits = attrs.evolve(limits, writable_paths=(
+                *limits.writable_paths, str(self.workdir.resolve())))
         return [sys.executable, "-m", "resultity_servers.node._runtime_main",
-                *self.limits.to_args()]
+                *limits.to_args()]
 
 
 @attrs.define(eq=False)

@@ -196,3 +196,7 @@ async def test_the_real_runtime_serves_a_chat_job_through_the_network(tmp_path: 
     assert all(len(lp["top_logprobs"]) == 2 for e in tokens for lp in e.logprobs or ())
     assert sandbox["max_address_space"] == 8 << 30
     assert sandbox["max_file_size"] == 1 << 30
+    if sandbox["network_namespace"]:  # where the platform allows namespaces at all
+        assert sandbox["hidden_paths"] == [str((data / n).resolve())
+                                           for n in ("node.key", "grant.json")]
+        assert sandbox["readonly_paths"] == [str(data.resolve())]

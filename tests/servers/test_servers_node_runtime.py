@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -255,3 +256,36 @@ async def test_abort_without_a_child_does_not_raise(tmp_path: Path) -> None:
     await sup.abort("nothing", force=True)
     await sup.abort("nothing")
     assert sup.state == "stopped"
+
+
+def test_confine_hides_secrets_and_protects_the_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "runtime" / "work").mkdir(parents=True)
+    (data / "node.key").write_text("secret seed")
+    (data / "installed.bin").write_text("model")
+    code = (
+        "import errno, json, sys\n"
+        "from resultity_servers.node import SandboxLimits, confine\n"
+        f"data = {str(data)!r}\n"
+        "report = confine(SandboxLimits(network_namespace=False, readonly_paths=(data,),\n"
+        "    writable_paths=(data + '/runtime/work',), hidden_paths=(data + '/node.key',)))\n"
+        "if not report['hidden_paths']:\n"
+        "    raise SystemExit(3)\n"
+        "out = {'key': open(data + '/node.key').read(), 'report': report}\n"
+        "try:\n    open(data + '/installed.bin', 'w')\nexcept OSError as e:\n"
+        "    out['write_data'] = e.errno == errno.EROFS\n"
+        "open(data + '/runtime/work/scratch', 'w').write('ok')\n"
+        "print(json.dumps(out))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], timeout=30, check=False,
+                            capture_output=True, text=True)
+    if result.returncode == 3:
+        pytest.skip("this platform allows no private mount namespace")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["key"] == ""
+    assert out["write_data"] is True
+    assert (data / "runtime" / "work" / "scratch").read_text() == "ok"
+    assert (data / "node.key").read_text() == "secret seed"  # only hidden inside the child
+    assert (data / "installed.bin").read_text() == "model"
+    assert out["report"]["readonly_paths"] == [str(data)]
