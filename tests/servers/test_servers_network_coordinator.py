@@ -3,13 +3,15 @@ receipts and the money they move."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from resultity_core import (
     PLATFORM_ACCOUNT,
@@ -661,63 +663,105 @@ def test_sqlite_restart_keeps_accounts_credits_jobs_and_receipts(tmp_path: Path)
 
 # --- conservation under arbitrary interleavings ---------------------------------------------
 
-_STEP = st.one_of(
-    st.tuples(st.just("submit"), st.integers(0, 3), st.integers(0, 5_000)),
-    st.tuples(st.just("lease"), st.integers(0, 1), st.integers(1, 3)),
-    st.tuples(st.just("tokens"), st.integers(0, 7), st.integers(1, 20)),
-    st.tuples(st.just("done"), st.integers(0, 7), st.integers(0, 50)),
-    st.tuples(st.just("receipt"), st.integers(0, 7), st.integers(0, 5_000)),
-    st.tuples(st.just("cancel"), st.integers(0, 7), st.integers(0, 1)),
-    st.tuples(st.just("wait"), st.integers(0, 1), st.integers(1, 40)),
-    st.tuples(st.just("credit"), st.integers(0, 1), st.integers(0, 10_000)),
-)
+class MoneyMachine(RuleBasedStateMachine):
+    """Arbitrary interleavings of submissions, leases, streams, receipts, cancellations,
+    credits and time: credits are conserved at every step and everything settles."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.world = World(MemoryStore(), heartbeat_timeout_s=30, queue_timeout_s=50,
+                           receipt_timeout_s=20)
+        self.world.c.create_account(self.world.now, account_id="carol", initial_credits=2_000)
+        self.nodes = [self.world.admit(max_batch=2), self.world.admit(max_batch=2)]
+        self.jobs: list[str] = []
+        self.leased: list[str] = []
+        self.seqs: dict[str, int] = {}
+        self.minted = self.world.conserved()
+        self.receipts_settled = 0
 
-@given(st.lists(_STEP, max_size=40))
-def test_credits_are_conserved_and_everything_settles(steps: list[tuple[str, int, int]]) -> None:
-    world = World(MemoryStore(), heartbeat_timeout_s=30, queue_timeout_s=50,
-                  receipt_timeout_s=20)
-    world.c.create_account(world.now, account_id="carol", initial_credits=2_000)
-    nodes = [world.admit(max_batch=2), world.admit(max_batch=2)]
-    jobs: list[str] = []
-    seqs: dict[str, int] = {}
-    minted = world.conserved()
-    for op, a, b in steps:
-        job_id = jobs[a % len(jobs)] if jobs else "none"
-        node = world.c.get_job(job_id).node_id if jobs else None
-        try:
-            if op == "submit":
-                jobs.append(world.submit(account=("alice", "carol")[a % 2], max_tokens=b))
-            elif op == "lease":
-                for lease in world.c.lease(nodes[a], b, world.now).leases:
-                    seqs[lease.job_id] = 0
-            elif op in ("tokens", "done") and node is not None:
-                seq = seqs.get(job_id, 0)
-                if op == "tokens":
-                    world.tokens(job_id, node, b, start=seq)
-                    seqs[job_id] = seq + b
-                else:
-                    world.c.post_events(node, [JobEvent(job_id, seq, "done", finish_reason="stop",
-                                                        usage=JobUsage(b, seq))], world.now)
-            elif op == "receipt" and node is not None:
-                world.c.submit_receipt(node, world.receipt(job_id, node, b, b // 2), world.now)
-            elif op == "cancel" and jobs:
-                world.c.cancel_job(job_id, world.now)
-            elif op == "wait":
-                world.now += b
-                world.beat(nodes[a])
-                world.c.tick(world.now)
-            elif op == "credit":
-                world.c.credit_account("carol", b, world.now)
-                minted += b
-        except ResultityError:
-            pass  # refusals are fine; they must not move money
-        assert world.conserved() == minted
-        for account in world.c.list_accounts():
+    def _target(self, index: int) -> tuple[str, str | None]:
+        job_id = self.leased[index % len(self.leased)]
+        return job_id, self.world.c.get_job(job_id).node_id
+
+    @rule(account=st.sampled_from(["alice", "carol"]), max_tokens=st.integers(0, 5_000))
+    def submit(self, account: str, max_tokens: int) -> None:
+        with contextlib.suppress(ResultityError):
+            self.jobs.append(self.world.submit(account=account, max_tokens=max_tokens))
+
+    @precondition(lambda self: self.jobs)
+    @rule(first=st.integers(0, 1), count=st.integers(1, 3))
+    def lease(self, first: int, count: int) -> None:
+        for index in (first, 1 - first):
+            with contextlib.suppress(ResultityError):
+                for lease in self.world.c.lease(self.nodes[index], count, self.world.now).leases:
+                    self.seqs[lease.job_id] = 0
+                    self.leased.append(lease.job_id)
+
+    @precondition(lambda self: self.leased)
+    @rule(index=st.integers(0, 99), count=st.integers(1, 20))
+    def tokens(self, index: int, count: int) -> None:
+        job_id, node = self._target(index)
+        seq = self.seqs.get(job_id, 0)
+        if node is not None:
+            with contextlib.suppress(ResultityError):
+                self.world.tokens(job_id, node, count, start=seq)
+                self.seqs[job_id] = seq + count
+
+    @precondition(lambda self: self.leased)
+    @rule(index=st.integers(0, 99), prompt=st.integers(0, 50))
+    def done(self, index: int, prompt: int) -> None:
+        job_id, node = self._target(index)
+        seq = self.seqs.get(job_id, 0)
+        if node is not None:
+            with contextlib.suppress(ResultityError):
+                self.world.c.post_events(node, [JobEvent(
+                    job_id, seq, "done", finish_reason="stop", usage=JobUsage(prompt, seq),
+                )], self.world.now)
+
+    @precondition(lambda self: self.leased)
+    @rule(index=st.integers(0, 99), prompt=st.integers(0, 5_000))
+    def receipt(self, index: int, prompt: int) -> None:
+        job_id, node = self._target(index)
+        if node is not None:
+            with contextlib.suppress(ResultityError):
+                receipt = self.world.receipt(job_id, node, prompt, self.seqs.get(job_id, 0))
+                outcome = self.world.c.submit_receipt(node, receipt, self.world.now)
+                self.receipts_settled += outcome.charge is not None and not outcome.duplicate
+
+    @precondition(lambda self: self.jobs)
+    @rule(index=st.integers(0, 99))
+    def cancel(self, index: int) -> None:
+        self.world.c.cancel_job(self.jobs[index % len(self.jobs)], self.world.now)
+
+    @rule(node=st.integers(0, 1), seconds=st.integers(1, 40))
+    def wait(self, node: int, seconds: int) -> None:
+        self.world.now += seconds
+        with contextlib.suppress(ResultityError):
+            self.world.beat(self.nodes[node])
+        self.world.c.tick(self.world.now)
+
+    @rule(amount=st.integers(0, 10_000))
+    def credit(self, amount: int) -> None:
+        self.world.c.credit_account("carol", amount, self.world.now)
+        self.minted += amount
+
+    @invariant()
+    def conserved(self) -> None:
+        assert self.world.conserved() == self.minted
+        for account in self.world.c.list_accounts():
             assert account.balance >= 0
-    world.now += 1_000
-    world.c.tick(world.now)
-    world.c.tick(world.now + 1_000)
-    assert world.c.ledger_totals() == (minted, minted, 0)
-    for job_id in jobs:
-        assert world.c.get_job(job_id).settled
+
+    def teardown(self) -> None:
+        self.world.now += 1_000
+        self.world.c.tick(self.world.now)
+        self.world.c.tick(self.world.now + 1_000)
+        assert self.world.c.ledger_totals() == (self.minted, self.minted, 0)
+        for job_id in self.jobs:
+            assert self.world.c.get_job(job_id).settled
+
+
+MoneyMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_credits_are_conserved_and_everything_settles = MoneyMachine.TestCase
