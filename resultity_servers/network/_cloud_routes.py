@@ -9,10 +9,14 @@ from collections.abc import AsyncIterator, Callable
 import anyio
 
 from resultity_core import (
+    InternalServerError,
     InvalidAPIKeyError,
     InvalidRequestError,
+    JobEvent,
     JobState,
+    NoCapacityError,
     NodeState,
+    OpenAIRequestError,
     PublicKey,
     ResultityError,
     encode_comment,
@@ -134,7 +138,7 @@ class CloudRoutes:
                 view = self.coordinator.job_events(job_id, index)
                 index = view.next_index
                 if view.events:
-                    yield b"".join(encode_event(e.to_payload()) for e in view.events)
+                    yield b"".join(_encode(e, view.error_code) for e in view.events)
                 if view.finished:
                     finished = True
                     yield encode_event("[DONE]")
@@ -212,3 +216,17 @@ class CloudRoutes:
             PublicKey.from_hex(public, "public_key") if public is not None else None,
         )
         return Response.json({"account_id": record.account_id, "public_key": record.public_key})
+
+
+def _encode(event: JobEvent, error_code: str | None) -> bytes:
+    """One SSE event: a JobEvent payload, or for an error the Network raised itself an
+    ``event: error`` with an OpenAI error body (503 ``no_capacity`` when no node could run
+    the job, else a server error naming ``error_code``)."""
+    if event.kind != "error" or error_code is None:
+        return encode_event(event.to_payload())
+    message = event.error or "the job failed"
+    error: OpenAIRequestError = (
+        NoCapacityError(message) if error_code == "no_capacity"
+        else InternalServerError(message, code=error_code)
+    )
+    return encode_event(error.to_error_body(), event="error")

@@ -265,10 +265,12 @@ class Coordinator(NodeDesk):
             for job in tx.list_jobs([JobState.QUEUED]):
                 if job.created + self.settings.queue_timeout_s < now:
                     self._end(tx, job, JobAction.FAIL,
-                              "no node could take the job in time; retry later", now)
+                              "no node could take the job in time; retry later",
+                              code="no_capacity", now=now)
             for job in tx.list_jobs([JobState.LEASED, JobState.STREAMING]):
                 if job.deadline is not None and job.deadline < now:
-                    self._end(tx, job, JobAction.FAIL, "the job ran past its deadline", now)
+                    self._end(tx, job, JobAction.FAIL, "the job ran past its deadline",
+                              code="timeout", now=now)
             for job in tx.list_jobs([JobState.DONE], unsettled=True):
                 if (job.finished_at or 0.0) + self.settings.receipt_timeout_s < now:
                     self._settle_without_receipt(tx, job, now)

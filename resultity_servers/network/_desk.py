@@ -46,6 +46,8 @@ class JobStream:
         self.done_indexes: set[int] = set()
         self.usage: JobUsage | None = None
         self.finished_at: float | None = None
+        # Set when the Network itself ended the job (not the node): why, for the Cloud.
+        self.error_code: str | None = None
 
     def reset(self) -> None:
         self.next_seq = 0
@@ -96,8 +98,9 @@ class DeskBase:
             stream = self._streams[job.job_id] = JobStream(job.account_id)
         return stream
 
-    def _emit_error(self, job: JobRecord, message: str, now: float) -> None:
+    def _emit_error(self, job: JobRecord, message: str, code: str, now: float) -> None:
         stream = self._stream(job)
+        stream.error_code = code
         stream.push(JobEvent(job.job_id, 0, "error", error=message))
         stream.finished_at = now
         self._woken_jobs.add(job.job_id)
@@ -128,9 +131,11 @@ class DeskBase:
         return job
 
     def _end(
-        self, tx: StoreTx, job: JobRecord, action: JobAction, message: str, now: float
+        self, tx: StoreTx, job: JobRecord, action: JobAction, message: str, *, code: str,
+        now: float,
     ) -> JobRecord:
-        """Fail or cancel ``job``: charge what streamed, tell its node, emit the error event."""
+        """Fail or cancel ``job``: charge what streamed, tell its node, emit the error event
+        (``code``: ``no_capacity``, ``node_failed``, ``timeout`` or ``cancelled``)."""
         was = job.state
         job = attrs.evolve(job, state=apply_job_action(job.state, action), finished_at=now,
                            error=message, deadline=None)
@@ -139,7 +144,7 @@ class DeskBase:
         tx.update_job(job)
         if job.node_id is not None and was in (JobState.LEASED, JobState.STREAMING):
             self._pending_cancels.setdefault(job.node_id, set()).add(job.job_id)
-        self._emit_error(job, message, now)
+        self._emit_error(job, message, code, now)
         return job
 
     def _dispatch(self, tx: StoreTx) -> None:
@@ -183,12 +188,13 @@ class DeskBase:
                 self._stream(job).reset()
             elif job.state == JobState.LEASED:
                 self._end(tx, job, JobAction.FAIL,
-                          f"job failed on {job.attempts} node(s); last: {reason}", now)
+                          f"job failed on {job.attempts} node(s); last: {reason}",
+                          code="no_capacity", now=now)
             else:
                 produced = self._stream(job).completion_tokens
                 self._end(tx, job, JobAction.FAIL,
                           f"the node serving this job failed mid-stream after {produced} "
-                          f"token(s): {reason}", now)
+                          f"token(s): {reason}", code="node_failed", now=now)
         self._pending_cancels.pop(node.node_id, None)
 
     def _live_node(self, tx: StoreTx, node_id: str) -> NodeRecord:

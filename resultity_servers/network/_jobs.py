@@ -47,12 +47,17 @@ __all__ = ["JobDesk", "JobEventsView"]
 
 @attrs.frozen
 class JobEventsView:
-    """Events of a job from index ``after`` on; ``finished`` once a done/error event is in."""
+    """Events of a job from index ``after`` on; ``finished`` once a done/error event is in.
+
+    ``error_code`` is set when the Network ended the job itself (``no_capacity``,
+    ``node_failed``, ``timeout``, ``cancelled``); a node-reported error leaves it None.
+    """
 
     job_id: str
     events: tuple[JobEvent, ...]
     finished: bool
     next_index: int
+    error_code: str | None = None
 
 
 class JobDesk(DeskBase):
@@ -258,7 +263,7 @@ class JobDesk(DeskBase):
             raise UnknownJobError(f"unknown job {job_id!r}")
         events = tuple(stream.events[after:])
         return JobEventsView(job_id, events, stream.finished_at is not None,
-                             max(after, len(stream.events)))
+                             max(after, len(stream.events)), stream.error_code)
 
     def cancel_job(self, job_id: str, now: float, *, account_id: str | None = None) -> JobRecord:
         """Cancel a job (idempotent: a finished job is returned unchanged).
@@ -274,7 +279,7 @@ class JobDesk(DeskBase):
             if job.state in TERMINAL:
                 return job
             job = self._end(tx, job, JobAction.CANCEL, "the job was cancelled by the client",
-                            now)
+                            code="cancelled", now=now)
             self._dispatch(tx)
         return job
 

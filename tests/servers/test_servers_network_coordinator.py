@@ -466,6 +466,7 @@ def test_mid_stream_failure_is_charged_only_for_streamed_tokens(world: World) ->
     assert world.balance("bob") == charge * 8_000 // 10_000
     view = world.c.job_events(job_id, 7)
     assert view.finished
+    assert view.error_code == "node_failed"
     assert [e.kind for e in view.events] == ["error"]
     assert "mid-stream" in (view.events[0].error or "")
     world.conserved()

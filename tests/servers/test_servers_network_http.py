@@ -44,6 +44,7 @@ from resultity_servers.cloud import (
 from resultity_servers.network import (
     DB_FILE,
     Coordinator,
+    CoordinatorSettings,
     MemoryStore,
     NetworkApp,
     NetworkSettings,
@@ -126,8 +127,8 @@ class Deployment:
 
 
 @asynccontextmanager
-async def deployment() -> AsyncIterator[Deployment]:
-    coordinator = Coordinator(MemoryStore())
+async def deployment(**settings: Any) -> AsyncIterator[Deployment]:
+    coordinator = Coordinator(MemoryStore(), CoordinatorSettings(**settings))
     now = time.time()
     envelope = sign_envelope(example_node_config(now=int(now)).to_payload(), [generate_key()])
     config_hash = coordinator.publish_config(envelope, now)
@@ -403,3 +404,25 @@ async def test_node_protocol_errors_over_http() -> None:
         assert again["duplicate"] is True
         job = await http.get_json(f"/network/v1/jobs/{job_id}", headers=service)
         assert (job["state"], job["charge"], job["settled"]) == ("done", 1, True)
+
+
+async def test_no_node_in_time_reaches_the_cloud_as_no_capacity() -> None:
+    async with deployment(queue_timeout_s=0.3) as d, HTTPClient(d.server.url) as http:
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)  # admitted, but it never leases
+        cloud = HTTPNetworkClient(d.server.url, SERVICE)
+        try:
+            account = await cloud.authenticate(d.alice_key)
+            assert account is not None
+            handle = await cloud.submit(account, JobSubmission(
+                "completion", "tiny", {"model": "tiny", "prompt": ["x"]}, 500, 1))
+            with anyio.fail_after(5):
+                events = [e async for e in cloud.events(handle)]
+            [event] = events
+            assert isinstance(event, ErrorEvent)
+            assert event.error.code == "no_capacity"
+            assert "no node could take the job" in event.error.message
+            balance = d.app.coordinator.account_balance("alice")
+            assert (balance.balance, balance.reserved) == (100_000, 0)
+        finally:
+            await cloud.aclose()
