@@ -38,6 +38,7 @@ class TritonAttentionBackend:
     def __init__(self) -> None:
         self._fallback = TorchAttentionBackend()
         self._last_meta: AttentionMetadata | None = None
+        self._last_query_lens: list[int] | None = None
         self._split: tuple[Tensor, Tensor, int] | None = None
 
     def _plan(self, meta: AttentionMetadata) -> tuple[Tensor, Tensor, int] | None:
@@ -77,10 +78,11 @@ class TritonAttentionBackend:
         if not self._covered(q, k_cache):
             return self._fallback.forward(q, k, v, k_cache, v_cache, meta, scale)
         # every layer of a step shares one metadata and one layout: check the first layer only,
-        # since the Python checks would cost about as much as a small decode kernel
-        check = meta is not self._last_meta
+        # since the Python checks would cost about as much as a small decode kernel (a new step
+        # brings a new metadata object, or at least new python lengths)
+        check = meta is not self._last_meta or meta.query_lens is not self._last_query_lens
         if check:
-            self._last_meta = meta
+            self._last_meta, self._last_query_lens = meta, meta.query_lens
             self._split = self._plan(meta) if meta.max_query_len > 1 else None
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, validate=check)
         if meta.max_query_len == 1:
