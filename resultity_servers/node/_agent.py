@@ -19,7 +19,6 @@ changes the set of ready models the Agent registers again (when no job is runnin
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -29,39 +28,34 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import attrs
 
 from resultity_core import (
     Capabilities,
     ChallengeResponse,
     Envelope,
     Heartbeat,
-    JobEvent,
     LeaseRequest,
-    ModelEntry,
     NodeConfig,
     NodeTrustState,
-    ReceiptSubmit,
     RegisterRequest,
     ResultityError,
     SecretKey,
     canonical_bytes,
 )
 
-from ._errors import ModelInstallError, RegistrationError
-from ._frames import LoadModel
+from ._errors import RegistrationError
+from ._fleet import Fleet, Served
 from ._jobs import ActiveJob, run_job
-from ._models import ModelSource, Progress, install_model
+from ._models import ModelSource, Progress
+from ._outbox import RETRY_S, Outbox
 from ._sandbox import package_version
-from ._supervisor import RuntimeSpec, RuntimeSupervisor
+from ._supervisor import RuntimeSpec
 from ._transport import NetworkTransport, SessionLostError, TransportError
 
 __all__ = ["Agent", "save_trust_state"]
 
 log = logging.getLogger("resultity.node")
 _BUSY_HEARTBEAT_S = 0.5
-_READY_WAIT_S = 30.0
-_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 def save_trust_state(trust: NodeTrustState, path: Path) -> None:
@@ -89,13 +83,6 @@ def _first(group: BaseExceptionGroup[Any], kind: type[RegistrationError]
     return None
 
 
-@attrs.define(eq=False)
-class _Served:
-    entry: ModelEntry
-    supervisor: RuntimeSupervisor
-    scope: anyio.CancelScope
-
-
 class Agent:
     """Controls one node; see the module docstring. Build it with ``serve_node`` or directly."""
 
@@ -111,25 +98,20 @@ class Agent:
         self.grant = grant
         self.trust = trust
         self.transport = transport
-        self.source = source
-        self.install_dir = install_dir
         self.state_path = state_path
-        self.runtime = runtime
         self.max_concurrent_jobs = max_concurrent_jobs
         self.device = device
         self.lease_wait_ms = lease_wait_ms
-        self.progress = progress
+        self.fleet = Fleet(source=source, install_dir=install_dir, runtime=runtime,
+                           device=device, progress=progress)
         self.clock = clock
         self.version = package_version()
-        self.runtimes: dict[str, _Served] = {}
         self.active: dict[str, ActiveJob] = {}
         self.refused: dict[str, str] = {}
-        self.install_errors: dict[str, str] = {}
         self.registered_models: tuple[str, ...] | None = None
         self.reported_hash: str | None = None
         self._syncing = False
-        self._outbox: list[JobEvent | ReceiptSubmit] = []
-        self._outbox_ready = anyio.Event()
+        self.outbox = Outbox(transport, self.cancel_job)
         self._wake = anyio.Event()
         self._beat_now = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -148,10 +130,19 @@ class Agent:
         limit = config.participation.max_concurrent_jobs if config else 0
         return min(self.max_concurrent_jobs, limit)
 
+    @property
+    def runtimes(self) -> dict[str, Served]:
+        """The models being served, by name."""
+        return self.fleet.runtimes
+
+    @property
+    def install_errors(self) -> dict[str, str]:
+        """Why approved models are not installed, by name."""
+        return self.fleet.install_errors
+
     def ready_models(self) -> tuple[str, ...]:
         """Names of the models whose Runtime is ready."""
-        return tuple(sorted(n for n, s in self.runtimes.items()
-                            if s.supervisor.state == "ready"))
+        return self.fleet.ready_models()
 
     def can_lease(self) -> bool:
         """True when the node may take jobs now."""
@@ -182,7 +173,7 @@ class Agent:
                 await self._register()
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._lease_loop)
-                tg.start_soon(self._outbox_loop)
+                tg.start_soon(self.outbox.run)
         except BaseExceptionGroup as group:
             refused = _first(group, RegistrationError)
             if refused is not None:
@@ -201,7 +192,7 @@ class Agent:
                 node_id = await self.transport.complete_registration(
                     ChallengeResponse(self.node_id, signature))
             except TransportError as exc:
-                delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
+                delay = RETRY_S[min(attempt, len(RETRY_S) - 1)]
                 log.warning("cannot register (%s); retrying in %.1f s", exc, delay)
                 attempt += 1
                 await anyio.sleep(delay)
@@ -218,7 +209,7 @@ class Agent:
         failures = 0
         while True:
             if (self.registered_models != self.ready_models() and not self.active
-                    and not self._outbox and not self._syncing):
+                    and not self.outbox and not self._syncing):
                 await self._register()
             beat = Heartbeat(
                 self.node_id, seq, self.reported_hash, self.version, len(self.active),
@@ -233,7 +224,7 @@ class Agent:
             except TransportError as exc:
                 failures += 1
                 log.warning("heartbeat failed: %s", exc)
-                await anyio.sleep(_RETRY_S[min(failures, len(_RETRY_S) - 1)])
+                await anyio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
                 continue
             failures = 0
             seq += 1
@@ -279,61 +270,10 @@ class Agent:
             self._syncing = False
             self.wake(heartbeat=True)
 
-    def _spec(self, config: NodeConfig) -> RuntimeSpec:
-        res = config.resources
-        limits = attrs.evolve(
-            self.runtime.limits,
-            # CUDA reserves far more address space than it uses: limit it on CPU only.
-            max_address_space=res.max_memory_bytes if self.device == "cpu" else 0,
-            max_file_size=res.max_disk_bytes,
-        )
-        return attrs.evolve(self.runtime, limits=limits,
-                            threads=res.max_cpu_threads or self.runtime.threads)
-
     async def _apply_models(self, config: NodeConfig) -> None:
-        wanted = {m.name: m for m in config.models}
-        for name, served in list(self.runtimes.items()):
-            if wanted.get(name) != served.entry:
-                log.info("stopping the runtime of %s (no longer approved as is)", name)
-                served.scope.cancel()
-                del self.runtimes[name]
-        started: list[RuntimeSupervisor] = []
-        for name, entry in wanted.items():
-            if name in self.runtimes:
-                continue
-            try:
-                path = await anyio.to_thread.run_sync(functools.partial(
-                    install_model, entry, self.source, self.install_dir,
-                    progress=self.progress))
-            except ModelInstallError as exc:
-                self.install_errors[name] = str(exc)
-                log.error("not installing %s: %s", name, exc)
-                continue
-            self.install_errors.pop(name, None)
-            rt = config.runtime
-            load = LoadModel(name, str(path), device=self.device, backend=rt.backend,
-                             max_num_seqs=rt.max_batch_size, max_model_len=rt.max_model_len,
-                             kv_cache_bytes=rt.kv_cache_bytes or None)
-            spec = attrs.evolve(self._spec(config), workdir=self.runtime.workdir / name.replace(
-                "/", "--"))
-            supervisor = RuntimeSupervisor(spec, load)
-            served = _Served(entry, supervisor, anyio.CancelScope())
-            self.runtimes[name] = served
-            assert self._tg is not None
-            self._tg.start_soon(self._run_runtime, served)
-            started.append(supervisor)
-        for supervisor in started:
-            # Bounded: a model that loads slowly (or never) must not hold up the heartbeat's
-            # config hash; the Network learns of it when it is ready (registration).
-            try:
-                await supervisor.wait_ready(min(_READY_WAIT_S, supervisor.spec.load_timeout_s))
-            except ResultityError as exc:
-                log.warning("%s", exc)
+        assert self._tg is not None
+        await self.fleet.apply(config, self._tg)
         self.reported_hash = self.trust.current_hash
-
-    async def _run_runtime(self, served: _Served) -> None:
-        with served.scope:
-            await served.supervisor.run()
 
     # ---- jobs ------------------------------------------------------------------------------
 
@@ -354,7 +294,7 @@ class Agent:
             except TransportError as exc:
                 failures += 1
                 log.warning("lease failed: %s", exc)
-                await anyio.sleep(_RETRY_S[min(failures, len(_RETRY_S) - 1)])
+                await anyio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
                 continue
             failures = 0
             assert self._tg is not None
@@ -367,9 +307,8 @@ class Agent:
 
     async def _run_job(self, job: ActiveJob) -> None:
         try:
-            served = self.runtimes.get(job.lease.model)
-            await run_job(job, served.supervisor if served else None, key=self.key,
-                          emit=self._emit, clock=self.clock)
+            await run_job(job, self.fleet.supervisor(job.lease.model), key=self.key,
+                          emit=self.outbox.put, clock=self.clock)
         finally:
             self.active.pop(job.lease.job_id, None)
             self.wake()
@@ -377,55 +316,13 @@ class Agent:
     def cancel_job(self, job_id: str) -> None:
         """Abort a running job in its Runtime (the Network cancelled it)."""
         job = self.active.get(job_id)
-        served = self.runtimes.get(job.lease.model) if job is not None else None
-        if job is None or served is None or job.cancelled:
+        supervisor = self.fleet.supervisor(job.lease.model) if job is not None else None
+        if job is None or supervisor is None or job.cancelled:
             return
         job.cancelled = True
         assert self._tg is not None
         for runtime_id in job.runtime_ids:
-            self._tg.start_soon(served.supervisor.abort, runtime_id)
-
-    def _emit(self, item: JobEvent | ReceiptSubmit) -> None:
-        self._outbox.append(item)
-        self._outbox_ready.set()
-
-    async def _outbox_loop(self) -> None:
-        failures = 0
-        while True:
-            if not self._outbox:
-                self._outbox_ready = anyio.Event()
-                await self._outbox_ready.wait()
-                continue
-            head = self._outbox[0]
-            try:
-                if isinstance(head, ReceiptSubmit):
-                    count = 1
-                    await self.transport.submit_receipt(head)
-                    cancel: tuple[str, ...] = ()
-                else:
-                    events = self._take_events()
-                    count = len(events)
-                    cancel = await self.transport.post_events(events)
-            except TransportError as exc:
-                if exc.retryable and not isinstance(exc, SessionLostError):
-                    failures += 1
-                    await anyio.sleep(_RETRY_S[min(failures, len(_RETRY_S) - 1)])
-                    continue
-                log.warning("the network refused %s: %s", type(head).__name__, exc)
-                cancel = ()
-                count = 1 if isinstance(head, ReceiptSubmit) else len(self._take_events())
-            failures = 0
-            del self._outbox[:count]
-            for job_id in cancel:
-                self.cancel_job(job_id)
-
-    def _take_events(self) -> list[JobEvent]:
-        out: list[JobEvent] = []
-        for item in self._outbox:
-            if not isinstance(item, JobEvent) or len(out) >= 256:
-                break
-            out.append(item)
-        return out
+            self._tg.start_soon(supervisor.abort, runtime_id)
 
     def status(self) -> dict[str, Any]:
         """Return a JSON-friendly summary (for logs, the CLI and tests)."""
@@ -440,5 +337,5 @@ class Agent:
             "active_jobs": len(self.active),
             "refused": dict(self.refused),
             "install_errors": dict(self.install_errors),
-            "outbox": len(self._outbox),
+            "outbox": len(self.outbox),
         }

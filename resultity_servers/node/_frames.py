@@ -15,7 +15,7 @@ Runtime -> Agent: ``ready`` (first frame, once), ``model_loaded``, ``pong``, ``t
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
 import attrs
@@ -23,8 +23,22 @@ import attrs
 from resultity_core import CanonicalEncodingError, canonical_bytes, parse_json_strict
 from resultity_core import MalformedEnvelopeError as _JSONError
 
-from ._errors import FrameError, JobSpecError
-from ._jobspec import check_sampling
+from ._checks import (
+    RUNTIME_FINISH_REASONS,
+    Check,
+    check_bool,
+    check_finish,
+    check_int,
+    check_ints,
+    check_obj,
+    check_objs,
+    check_sampling_field,
+    check_str,
+    check_usage,
+    fail,
+    optional,
+)
+from ._errors import FrameError
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -46,80 +60,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_FRAME = 1 << 20
-RUNTIME_FINISH_REASONS = ("stop", "length", "abort")
 _HEADER = struct.Struct(">I")
-_MAX_ID = 256
 _MAX_TEXT = 1 << 20
-
-Check = Callable[[object, str], None]
-
-
-def _fail(field: str, reason: str) -> FrameError:
-    return FrameError(field, reason)
-
-
-def _str(max_len: int = _MAX_ID, *, empty: bool = False) -> Check:
-    def check(value: object, field: str) -> None:
-        if not isinstance(value, str) or (not value and not empty) or len(value) > max_len:
-            raise _fail(field, f"must be a {'' if empty else 'non-empty '}string of at most "
-                               f"{max_len} characters")
-    return check
-
-
-def _int(lo: int = 0, hi: int = 2**63 - 1) -> Check:
-    def check(value: object, field: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise _fail(field, f"must be an integer in [{lo}, {hi}]")
-    return check
-
-
-def _bool(value: object, field: str) -> None:
-    if not isinstance(value, bool):
-        raise _fail(field, "must be a boolean")
-
-
-def _obj(value: object, field: str) -> None:
-    if not isinstance(value, dict):
-        raise _fail(field, "must be a JSON object")
-
-
-def _opt(check: Check) -> Check:
-    def opt(value: object, field: str) -> None:
-        if value is not None:
-            check(value, field)
-    return opt
-
-
-def _ints(value: object, field: str) -> None:
-    if not isinstance(value, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-    ):
-        raise _fail(field, "must be a list of non-negative integers")
-
-
-def _objs(value: object, field: str) -> None:
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise _fail(field, "must be a list of JSON objects")
-
-
-def _finish(value: object, field: str) -> None:
-    if value not in RUNTIME_FINISH_REASONS:
-        raise _fail(field, f"must be one of {', '.join(RUNTIME_FINISH_REASONS)}")
-
-
-def _usage(value: object, field: str) -> None:
-    if not isinstance(value, dict) or set(value) != {"prompt_tokens", "completion_tokens"}:
-        raise _fail(field, "must be {prompt_tokens, completion_tokens}")
-    for key in ("prompt_tokens", "completion_tokens"):
-        _int()(value[key], f"{field}.{key}")
-
-
-def _sampling(value: object, field: str) -> None:
-    try:
-        check_sampling(value, field)
-    except JobSpecError as exc:
-        raise _fail(exc.field, exc.reason) from None
-
 
 _REQUIRED: Any = object()
 
@@ -154,13 +96,13 @@ class RuntimeMessage:
         """Return the message in ``payload``; raises FrameError naming the bad field."""
         extra = sorted(set(payload) - set(cls.SPEC) - {"_type"})
         if extra:
-            raise _fail(extra[0], "unknown field")
+            raise fail(extra[0], "unknown field")
         kwargs: dict[str, Any] = {}
         for name, (_check, default) in cls.SPEC.items():
             if name in payload:
                 kwargs[name] = payload[name]
             elif default is _REQUIRED:
-                raise _fail(name, "is missing")
+                raise fail(name, "is missing")
             else:
                 kwargs[name] = default
         return cls(**kwargs)
@@ -172,14 +114,14 @@ class LoadModel(RuntimeMessage):
 
     TYPE: ClassVar[str] = "load_model"
     SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {
-        "name": (_str(), _REQUIRED),
-        "path": (_str(4096), _REQUIRED),
-        "device": (_str(64), "cpu"),
-        "dtype": (_opt(_str(32)), None),
-        "backend": (_str(32), "auto"),
-        "max_num_seqs": (_int(1, 4096), 16),
-        "max_model_len": (_opt(_int(1, 1 << 24)), None),
-        "kv_cache_bytes": (_opt(_int(1)), None),
+        "name": (check_str(), _REQUIRED),
+        "path": (check_str(4096), _REQUIRED),
+        "device": (check_str(64), "cpu"),
+        "dtype": (optional(check_str(32)), None),
+        "backend": (check_str(32), "auto"),
+        "max_num_seqs": (check_int(1, 4096), 16),
+        "max_model_len": (optional(check_int(1, 1 << 24)), None),
+        "kv_cache_bytes": (optional(check_int(1)), None),
     }
 
     name: str
@@ -198,10 +140,10 @@ class Generate(RuntimeMessage):
 
     TYPE: ClassVar[str] = "generate"
     SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {
-        "job_id": (_str(), _REQUIRED),
-        "prompt": (_opt(_str(_MAX_TEXT)), None),
-        "messages": (_opt(_objs), None),
-        "sampling": (_sampling, _REQUIRED),
+        "job_id": (check_str(), _REQUIRED),
+        "prompt": (optional(check_str(_MAX_TEXT)), None),
+        "messages": (optional(check_objs), None),
+        "sampling": (check_sampling_field, _REQUIRED),
     }
 
     job_id: str
@@ -211,7 +153,7 @@ class Generate(RuntimeMessage):
 
     def _check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
-            raise _fail("prompt", "exactly one of prompt and messages is required")
+            raise fail("prompt", "exactly one of prompt and messages is required")
 
 
 @attrs.frozen
@@ -219,7 +161,7 @@ class Abort(RuntimeMessage):
     """Agent -> Runtime: cancel job ``job_id`` (its choices end with finish_reason abort)."""
 
     TYPE: ClassVar[str] = "abort"
-    SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {"job_id": (_str(), _REQUIRED)}
+    SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {"job_id": (check_str(), _REQUIRED)}
 
     job_id: str
 
@@ -229,7 +171,7 @@ class Ping(RuntimeMessage):
     """Agent -> Runtime: health check; the Runtime's main loop answers ``pong`` with ``seq``."""
 
     TYPE: ClassVar[str] = "ping"
-    SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {"seq": (_int(), _REQUIRED)}
+    SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {"seq": (check_int(), _REQUIRED)}
 
     seq: int
 
@@ -248,9 +190,9 @@ class Ready(RuntimeMessage):
 
     TYPE: ClassVar[str] = "ready"
     SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {
-        "pid": (_int(1), _REQUIRED),
-        "version": (_str(64), _REQUIRED),
-        "sandbox": (_obj, _REQUIRED),
+        "pid": (check_int(1), _REQUIRED),
+        "version": (check_str(64), _REQUIRED),
+        "sandbox": (check_obj, _REQUIRED),
     }
 
     pid: int
@@ -264,8 +206,8 @@ class ModelLoaded(RuntimeMessage):
 
     TYPE: ClassVar[str] = "model_loaded"
     SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {
-        "name": (_str(), _REQUIRED),
-        "max_seq_len": (_int(1), _REQUIRED),
+        "name": (check_str(), _REQUIRED),
+        "max_seq_len": (check_int(1), _REQUIRED),
     }
 
     name: str
@@ -278,8 +220,8 @@ class Pong(RuntimeMessage):
 
     TYPE: ClassVar[str] = "pong"
     SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {
-        "seq": (_int(), _REQUIRED),
-        "active": (_int(), 0),
+        "seq": (check_int(), _REQUIRED),
+        "active": (check_int(), 0),
     }
 
     seq: int
@@ -296,13 +238,13 @@ class TokenEvent(RuntimeMessage):
 
     TYPE: ClassVar[str] = "token"
     SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {
-        "job_id": (_str(), _REQUIRED),
-        "index": (_int(0, 1 << 10), 0),
-        "text": (_str(_MAX_TEXT, empty=True), ""),
-        "token_ids": (_ints, []),
-        "finish_reason": (_opt(_finish), None),
-        "usage": (_opt(_usage), None),
-        "logprobs": (_opt(_objs), None),
+        "job_id": (check_str(), _REQUIRED),
+        "index": (check_int(0, 1 << 10), 0),
+        "text": (check_str(_MAX_TEXT, empty=True), ""),
+        "token_ids": (check_ints, []),
+        "finish_reason": (optional(check_finish), None),
+        "usage": (optional(check_usage), None),
+        "logprobs": (optional(check_objs), None),
     }
 
     job_id: str
@@ -320,9 +262,9 @@ class ErrorFrame(RuntimeMessage):
 
     TYPE: ClassVar[str] = "error"
     SPEC: ClassVar[Mapping[str, tuple[Check, Any]]] = {
-        "job_id": (_opt(_str()), None),
-        "message": (_str(4096, empty=True), _REQUIRED),
-        "fatal": (_bool, False),
+        "job_id": (optional(check_str()), None),
+        "message": (check_str(4096, empty=True), _REQUIRED),
+        "fatal": (check_bool, False),
     }
 
     job_id: str | None
@@ -345,14 +287,14 @@ def encode_frame(message: RuntimeMessage, *, max_frame: int = DEFAULT_MAX_FRAME)
     try:
         body = canonical_bytes(message.to_payload())
     except CanonicalEncodingError as exc:
-        raise _fail(exc.path or "<frame>", exc.reason) from None
+        raise fail(exc.path or "<frame>", exc.reason) from None
     if len(body) > max_frame:
-        raise _fail("<frame>", f"{len(body)} bytes exceed the {max_frame}-byte frame limit")
+        raise fail("<frame>", f"{len(body)} bytes exceed the {max_frame}-byte frame limit")
     return _HEADER.pack(len(body)) + body
 
 
 def _refuse_float(text: str) -> object:
-    raise _fail("<frame>", f"floats are not allowed on the pipe (got {text})")
+    raise fail("<frame>", f"floats are not allowed on the pipe (got {text})")
 
 
 def decode_frame_body(body: bytes) -> RuntimeMessage:
@@ -360,17 +302,17 @@ def decode_frame_body(body: bytes) -> RuntimeMessage:
     try:
         payload = parse_json_strict(body)
     except _JSONError as exc:
-        raise _fail("<frame>", str(exc)) from None
+        raise fail("<frame>", str(exc)) from None
     try:
         canonical_bytes(payload)
     except CanonicalEncodingError as exc:
-        raise _fail(exc.path or "<frame>", exc.reason) from None
+        raise fail(exc.path or "<frame>", exc.reason) from None
     if not isinstance(payload, dict):
-        raise _fail("<frame>", "must be a JSON object")
+        raise fail("<frame>", "must be a JSON object")
     tag = payload.get("_type")
     cls = _TYPES.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise _fail("_type", f"unknown message type {tag!r}")
+        raise fail("_type", f"unknown message type {tag!r}")
     return cls.from_payload(payload)
 
 
@@ -394,14 +336,14 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[RuntimeMessage]:
         """Return the messages completed by ``data``; raises FrameError (then ``failed``)."""
         if self.failed:
-            raise _fail("<frame>", "decoder already failed")
+            raise fail("<frame>", "decoder already failed")
         self._buf += data
         out: list[RuntimeMessage] = []
         try:
             while len(self._buf) >= _HEADER.size:
                 (length,) = _HEADER.unpack_from(self._buf)
                 if length > self.max_frame:
-                    raise _fail("<frame>",
+                    raise fail("<frame>",
                                 f"{length} bytes exceed the {self.max_frame}-byte frame limit")
                 end = _HEADER.size + length
                 if len(self._buf) < end:
