@@ -361,3 +361,27 @@ async def test_bad_jobs_end_with_an_error_event(node: Node) -> None:
         assert event.kind == "error"
         assert text in (event.error or "")
     assert node.network.receipts[0]["signed"]["job_id"] == refused
+
+
+async def test_a_new_config_restarts_changed_runtimes_and_stops_removed_ones(node: Node
+                                                                          ) -> None:
+    h1 = node.network.publish(node.config(1))
+    agent = node.agent()
+    async with running(agent):
+        await serving(agent, h1)
+        first = agent.runtimes["echo"].supervisor
+        h2 = node.network.publish(attrs.evolve(node.config(2),
+                                               runtime=RuntimeParams("torch", 2, 128, 0)))
+        await serving(agent, h2)
+        second = agent.runtimes["echo"].supervisor
+        assert second is not first
+        assert second.model is not None
+        assert (second.model.backend, second.model.max_num_seqs) == ("torch", 2)
+        await until(lambda: first.state == "stopped")
+        h3 = node.network.publish(attrs.evolve(node.config(3), models=()))
+        await until(lambda: agent.reported_hash == h3 and agent.registered_models == ())
+        assert agent.runtimes == {}
+        assert not agent.can_lease()
+        await until(lambda: second.state == "stopped")
+    assert node.network.registrations[-1].capabilities.models == ()
+    assert len(node.fake_log("start")) == 2
