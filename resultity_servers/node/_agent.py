@@ -56,6 +56,7 @@ __all__ = ["Agent", "save_trust_state"]
 
 log = logging.getLogger("resultity.node")
 _BUSY_HEARTBEAT_S = 0.5
+_MAX_REFUSALS = 3
 
 
 def save_trust_state(trust: NodeTrustState, path: Path) -> None:
@@ -181,7 +182,7 @@ class Agent:
             raise
 
     async def _register(self) -> None:
-        attempt = 0
+        attempt = refusals = 0
         while True:
             models = self.ready_models()
             caps = Capabilities(models, max(1, self.max_concurrent_jobs), self.device)
@@ -191,6 +192,15 @@ class Agent:
                 signature = self.key.sign(bytes.fromhex(challenge.nonce)).hex()
                 node_id = await self.transport.complete_registration(
                     ChallengeResponse(self.node_id, signature))
+            except RegistrationError as exc:
+                # Usually final (a bad or expired grant); retried a little in case the
+                # Network restarted between the challenge and its answer.
+                refusals += 1
+                if refusals >= _MAX_REFUSALS:
+                    raise
+                log.warning("registration refused (%s); trying again", exc)
+                await anyio.sleep(RETRY_S[refusals])
+                continue
             except TransportError as exc:
                 delay = RETRY_S[min(attempt, len(RETRY_S) - 1)]
                 log.warning("cannot register (%s); retrying in %.1f s", exc, delay)
