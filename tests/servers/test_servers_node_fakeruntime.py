@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import sys
@@ -48,7 +49,7 @@ def main() -> int:
     def send(message: object) -> None:
         os.write(1, encode_frame(message))  # type: ignore[arg-type]
 
-    note(f"start {os.getpid()} {os.environ.get('HOME', '')} {sorted(os.environ)}")
+    note(f"start {os.getpid()} {os.environ.get('HOME', '')} {json.dumps(sorted(os.environ))}")
     if mode == "exit_at_start":
         return 5
     send(Ready(os.getpid(), "fake", {"fake": True}))

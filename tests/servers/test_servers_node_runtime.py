@@ -87,7 +87,7 @@ async def test_streams_a_job_and_clears_the_environment(tmp_path: Path) -> None:
     (start,) = log_lines(tmp_path, "start")
     _, _pid, home, env = start.split(" ", 3)
     assert home == str(tmp_path / "work")
-    assert set(eval(env)) <= {"HOME", "LANG", "PATH", "PYTHONNOUSERSITE", "PYTHONPATH",
+    assert set(json.loads(env)) <= {"HOME", "LANG", "PATH", "PYTHONNOUSERSITE", "PYTHONPATH",
                               "PYTHONUNBUFFERED", "TMPDIR"}
     assert oct((tmp_path / "work").stat().st_mode & 0o777) == "0o700"
 
