@@ -27,6 +27,7 @@ HTTP routes (prefix ``/network/v1``): nodes ``POST nodes/register``, ``nodes/cha
 
 from __future__ import annotations
 
+from ._admin import AdminRequestError, CreatedAccount, NetworkAdminClient
 from ._app import NetworkApp
 from ._coordinator import AccountBalance, Coordinator, ModelInfo
 from ._desk import n_choices
@@ -68,10 +69,12 @@ __all__ = [
     "SCHEMA_VERSION",
     "AccountBalance",
     "AccountRecord",
+    "AdminRequestError",
     "AdmissionError",
     "ApiKeyRecord",
     "Coordinator",
     "CoordinatorSettings",
+    "CreatedAccount",
     "GrantRecord",
     "HeartbeatReply",
     "JobEventsView",
@@ -80,6 +83,7 @@ __all__ = [
     "LedgerEntry",
     "MemoryStore",
     "ModelInfo",
+    "NetworkAdminClient",
     "NetworkApp",
     "NetworkError",
     "NetworkSettings",

@@ -43,9 +43,11 @@ from resultity_servers.cloud import (
 )
 from resultity_servers.network import (
     DB_FILE,
+    AdminRequestError,
     Coordinator,
     CoordinatorSettings,
     MemoryStore,
+    NetworkAdminClient,
     NetworkApp,
     NetworkSettings,
     decimalize,
@@ -426,3 +428,37 @@ async def test_no_node_in_time_reaches_the_cloud_as_no_capacity() -> None:
             assert (balance.balance, balance.reserved) == (100_000, 0)
         finally:
             await cloud.aclose()
+
+
+async def test_admin_client_manages_accounts_and_config() -> None:
+    async with deployment() as d:
+        async with NetworkAdminClient(d.server.url, SERVICE) as admin:
+            owner = generate_key()
+            created = await admin.create_account("dave", public_key=owner.public_key,
+                                                 credits=300)
+            assert (created.account_id, created.balance) == ("dave", 300)
+            assert created.public_key == owner.public_key.hex
+            assert d.app.coordinator.authenticate(created.api_key) == "dave"
+            assert (await admin.credit("dave", 50)).balance == 350
+            assert (await admin.account("dave")).balance == 350
+            second = await admin.create_api_key("dave")
+            assert d.app.coordinator.authenticate(second) == "dave"
+            ids = [a.account_id for a in await admin.list_accounts()]
+            assert {"alice", "bob", "dave", "platform"} <= set(ids)
+            await admin.set_public_key("dave", None)
+            with pytest.raises(AdminRequestError) as info:
+                await admin.create_account("dave")
+            assert (info.value.status, info.value.code) == (409, "account_exists")
+            with pytest.raises(AdminRequestError) as info:
+                await admin.credit("nobody", 1)
+            assert info.value.status == 404
+            config = example_node_config(now=int(time.time()), version=2)
+            digest = await admin.publish_config(sign_envelope(config.to_payload(),
+                                                              [generate_key()]))
+            current = d.app.coordinator.current_config()
+            assert current is not None
+            assert current[0] == digest != d.config_hash
+        async with NetworkAdminClient(d.server.url, "wrong") as intruder:
+            with pytest.raises(AdminRequestError) as info:
+                await intruder.list_accounts()
+            assert info.value.status == 401
