@@ -6,6 +6,11 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# Triton binds interpreted or compiled mode when first imported, whichever test imports it
+# first: without a GPU, make it the CPU interpreter for the whole session.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # CI machines have 2 cores shared with other work: no per-example deadline, fewer examples.
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
