@@ -84,7 +84,13 @@ class AccountBalance:
 
 
 class Coordinator(NodeDesk):
-    """Accounts, nodes, config snapshots, jobs and receipts over one Store (not thread-safe)."""
+    """Accounts, nodes, config snapshots, jobs and receipts over one Store.
+
+    Not thread-safe: drive it from one event loop. One Coordinator per store: it keeps the
+    current config, node sessions and job output in memory, so another process must not
+    publish configs or run jobs on the same database (operators use the HTTP routes; writing
+    accounts, API keys and credits directly through a store transaction is safe).
+    """
 
     def __init__(self, store: Store, settings: CoordinatorSettings | None = None) -> None:
         super().__init__(store, settings or CoordinatorSettings())
