@@ -216,3 +216,39 @@ def test_public_surface_imports_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stderr
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                 max_size=4),
+    max_leaves=12,
+)
+_FIELDS = sorted({name for m in MESSAGES for name in m.SPEC} | {"_type"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([m.TYPE for m in MESSAGES] + ["bogus"]),
+    st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=8),
+)
+def test_random_payloads_decode_or_raise_frame_error(tag: str, fields: dict[str, object]
+                                                     ) -> None:
+    payload = {**fields, "_type": tag}
+    try:
+        messages = FrameDecoder().feed(frame(payload))
+    except FrameError:
+        return
+    (message,) = messages
+    assert FrameDecoder().feed(encode_frame(message)) == [message]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_never_raise_anything_but_frame_error(data: bytes) -> None:
+    decoder = FrameDecoder(max_frame=32)
+    try:
+        decoder.feed(data)
+    except FrameError:
+        assert decoder.failed
