@@ -28,13 +28,15 @@ def test_demo_once_answers_the_sample_and_exits_0(tmp_path: Path) -> None:
     assert re.fullmatch(r"API key: rk-\S+", lines[1])
     answer = first.stdout.split("> What does the Network do in Resultity?\n", 1)[1]
     assert answer.strip(), "the sample request streamed no text"
-    assert "creating the" in first.stderr and "ready" in first.stderr
+    assert "creating the" in first.stderr
+    assert "ready" in first.stderr
     assert "sample answered" in first.stderr
     # a second run reuses the model and the state, and takes the given API key
     second = _demo("--once", "--port", "0", "--data-dir", data, "--api-key", "rk-given-key")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "API key: rk-given-key" in second.stdout.splitlines()
-    assert "using the" in second.stderr and "cached" in second.stderr
+    assert "using the" in second.stderr
+    assert "cached" in second.stderr
 
 
 def test_demo_refuses_a_taken_port_before_doing_anything(tmp_path: Path) -> None:

@@ -58,9 +58,11 @@ def test_chat_non_stream_charges_exactly_the_usage(env: Env, client: openai.Open
         max_tokens=12, temperature=0)
     assert reply.object == "chat.completion"
     choice = reply.choices[0]
-    assert isinstance(choice.message.content, str) and choice.message.content
+    assert isinstance(choice.message.content, str)
+    assert choice.message.content
     assert choice.finish_reason in {"stop", "length"}
-    assert reply.usage is not None and reply.usage.prompt_tokens > 0
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 0
     assert 0 < reply.usage.completion_tokens <= 12
     jobs = _settled(portal, demo, DEMO_ACCOUNT, 1)
     job = jobs[-1]
@@ -73,7 +75,8 @@ def test_chat_non_stream_charges_exactly_the_usage(env: Env, client: openai.Open
     assert after == (before[0] - cost, 0)
     # the receipt the node signed is on record
     receipt = portal.call(_receipt, demo, job.job_id)
-    assert receipt is not None and receipt.completion_tokens == job.completion_tokens
+    assert receipt is not None
+    assert receipt.completion_tokens == job.completion_tokens
 
 
 def _receipt(demo: Demo, job_id: str) -> Any:
@@ -98,7 +101,8 @@ def test_stream_with_usage_matches_the_non_stream_answer(client: openai.OpenAI,
             pieces.append(choice.delta.content or "")
             finish = choice.finish_reason or finish
     assert "".join(pieces) == plain.choices[0].message.content
-    assert usage is not None and plain.usage is not None
+    assert usage is not None
+    assert plain.usage is not None
     assert usage.completion_tokens == plain.usage.completion_tokens
     assert finish == plain.choices[0].finish_reason
 
@@ -108,15 +112,16 @@ def test_legacy_completions(client: openai.OpenAI, env: Env) -> None:
     reply = client.completions.create(model=demo.model, prompt="The network", max_tokens=5,
                                       temperature=0)
     assert reply.object == "text_completion"
-    assert reply.usage is not None and reply.usage.completion_tokens <= 5
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens <= 5
     assert isinstance(reply.choices[0].text, str)
 
 
 def test_errors_have_openai_statuses(client: openai.OpenAI, env: Env) -> None:
     _portal, demo = env
-    with openai.OpenAI(base_url=demo.base_url, api_key="rk-not-a-key", max_retries=0) as bad:
-        with pytest.raises(openai.AuthenticationError) as auth:
-            bad.models.list()
+    with openai.OpenAI(base_url=demo.base_url, api_key="rk-not-a-key", max_retries=0) as bad, \
+            pytest.raises(openai.AuthenticationError) as auth:
+        bad.models.list()
     assert auth.value.status_code == 401
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="no-such-model", max_tokens=2,
@@ -128,7 +133,8 @@ def test_errors_have_openai_statuses(client: openai.OpenAI, env: Env) -> None:
     with pytest.raises(openai.BadRequestError) as param:
         client.chat.completions.create(model=demo.model, max_tokens=-3,
                                        messages=[{"role": "user", "content": "hi"}])
-    assert param.value.body is not None and "max_tokens" in json.dumps(param.value.body)
+    assert param.value.body is not None
+    assert "max_tokens" in json.dumps(param.value.body)
 
 
 def _raw(port: int, data: bytes) -> bytes:

@@ -62,7 +62,8 @@ def test_help_explains_each_command(argv: list[str], capsys: pytest.CaptureFixtu
     if argv[0] == "account" and "grant" not in argv:
         assert "micro-credits" in out
     if argv[:2] == ["cloud", "serve"]:
-        assert "8000" in out and "127.0.0.1" in out
+        assert "8000" in out
+        assert "127.0.0.1" in out
 
 
 def test_a_port_in_use_is_one_clear_line(tmp_path: Path,
@@ -75,7 +76,9 @@ def test_a_port_in_use_is_one_clear_line(tmp_path: Path,
                        "--log-level", "error"])
     assert status == 1
     line = _error_line(capsys)
-    assert f"port {port}" in line and "already in use" in line and "--port" in line
+    assert f"port {port}" in line
+    assert "already in use" in line
+    assert "--port" in line
 
 
 def test_cloud_needs_a_token_and_a_reachable_network(
@@ -96,7 +99,8 @@ def test_node_reports_missing_files_and_an_unreachable_network(
     assert main(["node", "serve", "--data-dir", str(tmp_path / "n"), "--log-level",
                  "error"]) == 1
     line = _error_line(capsys)
-    assert "node.key" in line and "no such file" in line
+    assert "node.key" in line
+    assert "no such file" in line
     key = generate_key()
     save_key_file(key, tmp_path / "n" / "node.key")
     assert main(["node", "serve", "--data-dir", str(tmp_path / "n")]) == 1
@@ -114,7 +118,8 @@ def test_account_commands_against_a_running_network(
                  "--public-key", str(tmp_path / "alice.key"), *common]) == 0
     out = capsys.readouterr().out
     key = re.search(r"API key: (rk-\S+)", out)
-    assert key is not None and "2,500,000 micro-credits (2.5 credits)" in out
+    assert key is not None
+    assert "2,500,000 micro-credits (2.5 credits)" in out
     assert portal.call(coordinator.authenticate, key.group(1)) == "alice"
     assert main(["account", "credit", "alice", "500000", *common]) == 0
     assert "3,000,000 micro-credits" in capsys.readouterr().out
@@ -123,7 +128,8 @@ def test_account_commands_against_a_running_network(
     assert rows["alice"]["balance"] == 3_000_000
     assert main(["account", "key", "alice", *common]) == 0
     second = re.search(r"API key: (rk-\S+)", capsys.readouterr().out)
-    assert second is not None and second.group(1) != key.group(1)
+    assert second is not None
+    assert second.group(1) != key.group(1)
     assert portal.call(coordinator.authenticate, second.group(1)) == "alice"
     # errors: unknown account, wrong token, bad amount
     assert main(["account", "credit", "nobody", "5", *common]) == 1
@@ -146,7 +152,8 @@ def test_account_grant_signs_a_grant_the_network_accepts(
                  "--out", str(tmp_path / "grant.json")]) == 0
     envelope = Envelope.from_payload(json.loads((tmp_path / "grant.json").read_text()))
     grant = verify_grant(envelope, owner.public_key, int(time.time()))
-    assert grant.account_id == "alice" and grant.node_public == node.public_key
+    assert grant.account_id == "alice"
+    assert grant.node_public == node.public_key
     capsys.readouterr()
 
 
