@@ -229,6 +229,12 @@ class Engine:
         self, request_id: str, prompt: Prompt, params: SamplingParams, *, keep: bool,
         sink: deque[StreamDelta] | None,
     ) -> None:
+        vocab = self.config.vocab_size
+        bad_bias = [t for t in params.logit_bias if t >= vocab]
+        if bad_bias:  # checked here: the sampler would fail the whole batch at step time
+            raise EngineRequestError(
+                f"logit_bias: token id {bad_bias[0]} is outside the vocabulary of {vocab}"
+            )
         text, ids = self._encode(prompt)
         if not ids:
             raise EngineRequestError("prompt: encodes to no tokens")
@@ -287,7 +293,9 @@ class Engine:
                     self.scheduler.abort(seq.sched.seq_id)
                     self._seqs.pop(seq.sched.seq_id, None)
                     seq.finish_reason = "abort"
-                    deltas.append(self._delta(seq))
+                    delta = self._delta(seq)
+                    if not forget:  # a discarded request's consumer is gone
+                        deltas.append(delta)
             if forget:
                 req.keep = False
                 req.sink = None
@@ -296,7 +304,8 @@ class Engine:
         return self._route(deltas)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while ``step`` has work to do or deltas (e.g. of an abort) to hand out."""
+        return self.scheduler.has_unfinished() or bool(self._ready or self._aborts)
 
     @property
     def num_unfinished(self) -> int:

@@ -211,6 +211,7 @@ def test_abort_frees_blocks_within_one_step(engine: Engine) -> None:
     assert owned_before == 2
     engine.abort("drop")  # no step running: applied at once
     assert len(bm.tables()) == 1
+    assert engine.has_unfinished()
     deltas = engine.step()
     final = [d for d in deltas if d.request_id == "drop"]
     assert len(final) == 1
@@ -305,10 +306,13 @@ def test_bad_requests_are_refused(engine: Engine) -> None:
         engine.generate([[1, 10**6]], GREEDY)
     with pytest.raises(EngineRequestError, match="no room"):
         engine.generate([[5] * engine.max_seq_len], GREEDY)
+    with pytest.raises(EngineRequestError, match="logit_bias"):
+        engine.add_request("bias", "x", SamplingParams(logit_bias={10**6: 1.0}))
     engine.add_request("dup", "x", GREEDY)
     with pytest.raises(EngineRequestError, match="in use"):
         engine.add_request("dup", "y", GREEDY)
     engine.abort("dup")
+    assert [(d.request_id, d.finish_reason) for d in engine.step()] == [("dup", "abort")]
     assert _all_free(engine)
 
 
