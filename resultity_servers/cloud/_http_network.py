@@ -188,12 +188,23 @@ def _model_info(m: Mapping[str, Any]) -> ModelInfo:
     )
 
 
+# Network failure codes that mean "no node could take the job": the user may retry (503).
+_RETRYABLE_CODES = frozenset({"no_capacity", "timeout"})
+
+
 def _stream_error(detail: object) -> OpenAIRequestError:
     if isinstance(detail, dict):
         message = detail.get("message")
+        code = detail.get("code") if isinstance(detail.get("code"), str) else None
+        if code in _RETRYABLE_CODES:
+            error = no_capacity()
+            if isinstance(message, str):
+                error.message = message
+            error.code = code
+            return error
         return InternalServerError(
             f"The job failed: {message}" if isinstance(message, str) else None,
-            code=detail.get("code") if isinstance(detail.get("code"), str) else None,
+            code=code,
         )
     return InternalServerError(f"The job failed: {detail}")
 

@@ -317,6 +317,9 @@ async def test_event_stream_variants() -> None:
     bodies = {
         "ok": encode_event(token) + encode_event(done) + b"data: [DONE]\n\n",
         "err": encode_event(token) + encode_event({"error": {"message": "boom"}}, event="error"),
+        "busy": encode_event(
+            {"error": {"message": "no node in time", "code": "no_capacity"}}, event="error"
+        ),
         "bad": encode_event([1, 2]),
         "wire": encode_event({"_type": "job_event", "job_id": "j", "seq": 0, "kind": "nope"}),
     }
@@ -337,6 +340,13 @@ async def test_event_stream_variants() -> None:
                 got = [e async for e in net.events(JobHandle("err", "tiny"))]
                 assert isinstance(got[-1], ErrorEvent)
                 assert got[-1].error.message == "The job failed: boom"
+                assert got[-1].error.status == 500
+                # "no node could take it" is the user's retryable 503, not a server fault
+                got = [e async for e in net.events(JobHandle("busy", "tiny"))]
+                assert isinstance(got[-1], ErrorEvent)
+                assert got[-1].error.status == 503
+                assert got[-1].error.code == "no_capacity"
+                assert got[-1].error.message == "no node in time"
                 for job_id in ("bad", "wire", "missing"):
                     with pytest.raises(OpenAIRequestError) as exc:
                         _ = [e async for e in net.events(JobHandle(job_id, "tiny"))]
