@@ -87,7 +87,7 @@ def bench_engine_decode(engine: Engine, prompt: list[int], n: int, runs: int) ->
 def bench_hf_decode(model_dir: Path, prompt: list[int], n: int, runs: int) -> float:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     ids = torch.tensor([prompt])
     eos = model.config.eos_token_id
 
