@@ -13,8 +13,10 @@ import attrs
 from resultity_servers._http import HTTPServer, ServerConfig
 
 from ._app import NetworkApp
+from ._app_releases import attach_releases
 from ._coordinator import Coordinator
 from ._memory import MemoryStore
+from ._releases import ReleaseDesk
 from ._settings import CoordinatorSettings
 from ._sqlite import SQLiteStore
 from ._store import Store
@@ -22,6 +24,7 @@ from ._store import Store
 __all__ = ["DB_FILE", "NetworkSettings", "open_store", "running_network", "serve_network"]
 
 DB_FILE = "network.db"
+RELEASES_DIR = "releases"
 
 
 @attrs.frozen
@@ -64,9 +67,16 @@ def open_store(settings: NetworkSettings) -> Store:
 
 
 def _app(settings: NetworkSettings, coordinator: Coordinator) -> NetworkApp:
-    return NetworkApp(coordinator, service_token=settings.service_token,
-                      max_lease_wait_s=settings.max_lease_wait_s,
-                      tick_interval_s=settings.tick_interval_s)
+    app = NetworkApp(coordinator, service_token=settings.service_token,
+                     max_lease_wait_s=settings.max_lease_wait_s,
+                     tick_interval_s=settings.tick_interval_s)
+    releases = (os.path.join(settings.data_dir, RELEASES_DIR)
+                if settings.data_dir is not None else None)
+    desk = ReleaseDesk(releases, coordinator.settings.trust_root)
+    if desk.root is not None and desk.root != coordinator.settings.trust_root:
+        coordinator.settings = attrs.evolve(coordinator.settings, trust_root=desk.root)
+    attach_releases(app, desk)
+    return app
 
 
 async def serve_network(

@@ -1,0 +1,112 @@
+"""HTTP routes of the Network's releases, artifacts and root rotations (``ReleaseDesk``).
+
+Operator routes (service token):
+
+- ``PUT  /network/v1/artifacts/{address}`` raw bytes -> ``{"sha256", "size"}`` (400 when the
+  bytes do not hash to ``address``)
+- ``POST /network/v1/releases`` signed Release envelope -> ``{"release_hash", "version"}``
+- ``POST /network/v1/roots`` signed root N+1 envelope -> ``{"version"}``
+- ``GET  /network/v1/releases/nodes`` -> what each node last reported about its updates
+
+Node routes (node session token, like every other node route):
+
+- ``GET /network/v1/nodes/release?root_version=N`` -> ``{"roots": [root envelopes newer than
+  N], "release": the current Release envelope or null}``
+- ``GET /network/v1/nodes/artifacts/{address}`` -> the artifact bytes (404 unknown)
+- ``POST /network/v1/nodes/update-status`` ``{"node_id", "version", "update_status"}``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from resultity_core import InvalidRequestError
+from resultity_servers._http import Request, Response
+
+from ._app import NetworkApp
+from ._errors import NodeAuthError
+from ._http_util import PREFIX, Reply, error_response, json_object
+from ._releases import ReleaseDesk
+
+__all__ = ["ReleaseRoutes", "attach_releases"]
+
+
+class ReleaseRoutes:
+    """The release routes of one ``NetworkApp``; ``statuses`` holds the nodes' reports."""
+
+    def __init__(self, app: NetworkApp, desk: ReleaseDesk) -> None:
+        self.app = app
+        self.desk = desk
+        self.statuses: dict[str, dict[str, Any]] = {}
+
+    async def put_artifact(self, request: Request) -> Reply:
+        address = self.desk.put_artifact(request.path_params["address"], request.body)
+        return Response.json({"sha256": address, "size": len(request.body)})
+
+    async def publish_release(self, request: Request) -> Reply:
+        digest = self.desk.publish_release(request.body, self.app.clock())
+        assert self.desk.release is not None
+        return Response.json({"release_hash": digest, "version": self.desk.release.version})
+
+    async def publish_root(self, request: Request) -> Reply:
+        root = self.desk.publish_root(request.body, self.app.clock())
+        coordinator = self.app.coordinator
+        if coordinator.settings.trust_root is not None:
+            coordinator.settings = attrs.evolve(coordinator.settings, trust_root=root)
+        return Response.json({"version": root.version})
+
+    async def node_statuses(self, request: Request) -> Reply:
+        return Response.json({"data": [dict(v, node_id=k) for k, v in
+                                       sorted(self.statuses.items())]})
+
+    async def node_release(self, request: Request) -> Reply:
+        self.app._node(request)
+        raw = request.query_params().get("root_version", ["0"])[0]
+        if not raw.isdigit():
+            raise InvalidRequestError("root_version must be a non-negative integer",
+                                      param="root_version")
+        envelope = self.desk.release_envelope
+        return Response.json({
+            "_type": "release_pointer",
+            "roots": self.desk.roots_after(int(raw)),
+            "release": envelope.to_payload() if envelope is not None else None,
+        })
+
+    async def node_artifact(self, request: Request) -> Reply:
+        self.app._node(request)
+        data = self.desk.artifact(request.path_params["address"])
+        if data is None:
+            return error_response(404, "no artifact with this address", "unknown_artifact")
+        return Response(200, (("content-type", "application/octet-stream"),), data)
+
+    async def node_update_status(self, request: Request) -> Reply:
+        node_id = self.app._node(request)
+        body = json_object(request)
+        if body.get("node_id") != node_id:
+            raise NodeAuthError("update-status node_id does not match the session")
+        version, status = body.get("version"), body.get("update_status")
+        if not isinstance(version, str) or not isinstance(status, str) \
+                or len(version) > 64 or len(status) > 1000:
+            raise InvalidRequestError("version and update_status must be short strings")
+        self.statuses[node_id] = {"version": version, "update_status": status,
+                                  "at": self.app.clock()}
+        return Response.json({"ok": True})
+
+
+def attach_releases(app: NetworkApp, desk: ReleaseDesk) -> ReleaseRoutes:
+    """Add the release routes (module docstring) to ``app``; returns them."""
+    routes = ReleaseRoutes(app, desk)
+    table = [
+        ("PUT", "/artifacts/{address}", app._service(routes.put_artifact)),
+        ("POST", "/releases", app._service(routes.publish_release)),
+        ("POST", "/roots", app._service(routes.publish_root)),
+        ("GET", "/releases/nodes", app._service(routes.node_statuses)),
+        ("GET", "/nodes/release", routes.node_release),
+        ("GET", "/nodes/artifacts/{address}", routes.node_artifact),
+        ("POST", "/nodes/update-status", routes.node_update_status),
+    ]
+    for method, path, handler in table:
+        app.router.add(method, PREFIX + path, app._guard(handler))
+    return routes
