@@ -108,6 +108,7 @@ class Agent:
         self.clock = clock
         self.version = package_version()
         self.active: dict[str, ActiveJob] = {}
+        self._job_runtimes: dict[str, Served] = {}
         self.refused: dict[str, str] = {}
         self.registered_models: tuple[str, ...] | None = None
         self.reported_hash: str | None = None
@@ -316,17 +317,26 @@ class Agent:
                 self.wake(heartbeat=True)  # busy now: heartbeats (and cancels) every 0.5 s
 
     async def _run_job(self, job: ActiveJob) -> None:
+        # The job keeps the Runtime it started on: a switch to a new version or update
+        # moves only new jobs, and the old Runtime is drained (not stopped) under this one.
+        served = self.fleet.acquire(job.lease.model)
+        if served is not None:
+            self._job_runtimes[job.lease.job_id] = served
         try:
-            await run_job(job, self.fleet.supervisor(job.lease.model), key=self.key,
-                          emit=self.outbox.put, clock=self.clock)
+            await run_job(job, served.supervisor if served is not None else None,
+                          key=self.key, emit=self.outbox.put, clock=self.clock)
         finally:
+            if served is not None:
+                self.fleet.release(served)
+            self._job_runtimes.pop(job.lease.job_id, None)
             self.active.pop(job.lease.job_id, None)
             self.wake()
 
     def cancel_job(self, job_id: str) -> None:
         """Abort a running job in its Runtime (the Network cancelled it)."""
         job = self.active.get(job_id)
-        supervisor = self.fleet.supervisor(job.lease.model) if job is not None else None
+        served = self._job_runtimes.get(job_id)
+        supervisor = served.supervisor if served is not None else None
         if job is None or supervisor is None or job.cancelled:
             return
         job.cancelled = True

@@ -55,10 +55,15 @@ _OUT_MAX_FRAME = 16 << 20
 
 @attrs.frozen
 class RuntimeSpec:
-    """How to run a Runtime child. ``command`` None runs ``_runtime_main`` with ``limits``."""
+    """How to run a Runtime child. ``command`` None runs ``_runtime_main`` with ``limits``.
+
+    ``python`` is the interpreter (default ``sys.executable``): an update points it at the
+    new versioned environment. A ``command`` element ``"{python}"`` is replaced by it.
+    """
 
     workdir: Path
     command: tuple[str, ...] | None = None
+    python: str | None = None
     limits: SandboxLimits = attrs.field(factory=SandboxLimits)
     threads: int = 0
     extra_env: Mapping[str, str] = attrs.field(factory=dict)
@@ -74,13 +79,14 @@ class RuntimeSpec:
 
     def argv(self) -> list[str]:
         """Return the child's command line."""
+        python = self.python or sys.executable
         if self.command is not None:
-            return list(self.command)
+            return [python if part == "{python}" else part for part in self.command]
         limits = self.limits
         if limits.readonly_paths:  # the working directory must stay writable
             limits = attrs.evolve(limits, writable_paths=(
                 *limits.writable_paths, str(self.workdir.resolve())))
-        return [sys.executable, "-m", "resultity_servers.node._runtime_main",
+        return [python, "-m", "resultity_servers.node._runtime_main",
                 *limits.to_args()]
 
 
