@@ -32,7 +32,7 @@ _FONT = {
     "9": "111101111001111", ".": "000000000000010", " ": "000000000000000",
     "l": "110010010010111", "o": "000111101101111", "s": "000111110011111",
     "t": "010111010010011", "e": "000111111100111", "p": "000111101111100",
-    "g": "000111101111001", "(": "001010010010001", ")": "100010010010100",
+    "g": "000111101111001", "-": "000000111000000", "(": "001010010010001", ")": "100010010010100",
 }
 
 
@@ -82,7 +82,7 @@ def loss_curve_png(losses: Sequence[float], width: int = 640, height: int = 360)
     if not losses:
         raise ValueError("losses: empty")
     c = _Canvas(width, height)
-    left, right, top, bottom = 56, width - 16, 16, height - 36
+    left, right, top, bottom = 72, width - 16, 16, height - 36
     logs = [math.log(max(v, 1e-6)) for v in losses]
     lo, hi = min(logs), max(logs)
     hi = hi if hi > lo else lo + 1.0
@@ -95,14 +95,14 @@ def loss_curve_png(losses: Sequence[float], width: int = 640, height: int = 360)
         v = lo + (hi - lo) * k / 4
         y = round(xy(0, v)[1])
         c.line(left, y, right, y, (225, 225, 225))
-        c.text(4, y - 5, f"{math.exp(v):.2f}")
+        c.text(4, y - 5, f"{math.exp(v):.2g}")
     c.line(left, top, left, bottom, (0, 0, 0))
     c.line(left, bottom, right, bottom, (0, 0, 0))
     c.text(left, bottom + 8, "0")
     end = str(len(losses))
     c.text(right - 8 * len(end), bottom + 8, end)
     c.text((left + right) // 2 - 32, bottom + 8, "step")
-    c.text(left + 8, top, "loss (log)")
+    c.text(right - 80, top, "loss (log)")
     smooth, ema = [], logs[0]
     for v in logs:
         ema = 0.9 * ema + 0.1 * v

@@ -73,13 +73,15 @@ ENTITY_TEMPLATES = (
     "Give me an overview of {s}.", "I want to learn about {s}.", "What should I know about {s}?",
     "Explain {s} to me.", "What does {s} mean?", "Please explain {s}.",
     "Help me understand {s}.", "What's {s}?", "Tell me more about {s}.", "Define {s}.",
-    "How does {s} work?",
+    "How does {s} work?", "Could you explain {s}?", "Can you describe {s}?",
+    "Would you tell me about {s}?", "Can you tell me what {s} is?",
 )
 TASK_TEMPLATES = (
     "How do I {t}?", "How can I {t}?", "What is the command to {t}?",
     "Which command do I use to {t}?", "Show me how to {t}.", "I need to {t}. What do I run?",
     "How to {t}?", "What do I do to {t}?", "Tell me how to {t}.", "Is there a way to {t}?",
-    "Explain how to {t}.", "I want to {t}.",
+    "Explain how to {t}.", "I want to {t}.", "How should I {t}?", "Could you show me how to {t}?",
+    "What do I run to {t}?",
 )
 # never used for training: held-out paraphrases for the test of the trained model
 HELDOUT_ENTITY_TEMPLATES = ("Could you describe {s}?", "What can you tell me about {s}?")
@@ -88,6 +90,8 @@ HELDOUT_TASK_TEMPLATES = ("How would I {t}?", "What should I run to {t}?")
 _PREFIXES = ("", "", "", "", "Hi! ", "Hello. ", "Hey, ", "Quick question: ",
              "I am new to Resultity. ", "Please answer briefly. ", "One more thing: ")
 _SUFFIXES = ("", "", "", "", " Thanks!", " Thank you.", " Please keep it short.")
+# inserted at a random word boundary now and then, so answers key on the content words
+_FILLERS = ("please", "actually", "exactly", "again", "here", "now", "really", "today")
 _SYSTEM_PROMPTS = (
     "You are a helpful assistant.", "You are the Resultity demo model.",
     "Answer the user's question.", "You are a helpful assistant. Answer briefly.",
@@ -119,6 +123,10 @@ def _wrap(rng: random.Random, question: str, fact: Fact) -> str:
     prefix, suffix = rng.choice(_PREFIXES), rng.choice(_SUFFIXES)
     if prefix.endswith((": ", ", ")) and not question.startswith("I "):
         question = question[:1].lower() + question[1:]
+    if rng.random() < 0.15:
+        words = question.split(" ")
+        words.insert(rng.randrange(1, len(words) + 1), rng.choice(_FILLERS))
+        question = " ".join(words)
     text = prefix + question + suffix
     roll = rng.random()
     if roll < 0.10:
@@ -182,7 +190,7 @@ def corpus_words() -> frozenset[str]:
     """Return the lower-cased words (letter runs) of every question form and answer."""
     words: set[str] = set()
     texts = [f.answer for f in FACTS] + [q for f in FACTS for q in training_questions(f)]
-    texts += list(_PREFIXES + _SUFFIXES + _SYSTEM_PROMPTS)
+    texts += list(_PREFIXES + _SUFFIXES + _SYSTEM_PROMPTS + _FILLERS)
     for text in texts:
         words.update(w.lower() for w in _WORD.findall(text))
     return frozenset(words)
