@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 import sys
 from collections.abc import Iterator
 from importlib import resources
@@ -23,10 +24,12 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-from ._config import parse_config
+from ._config import load_config, parse_config
+from ._demo_corpus import demo_model_path
 from ._loader import hf_tensor_shapes
 
-__all__ = ["PRESETS", "Preset", "generate_corpus", "init_model_dir", "preset_num_params"]
+__all__ = ["DEMO_PRESET", "PRESETS", "Preset", "generate_corpus", "init_model_dir",
+           "preset_num_params"]
 
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 # ChatML turns; the BOS string comes first, so encode_chat must not add a second BOS.
@@ -60,6 +63,8 @@ class Preset:
     max_position_embeddings: int = 4096
 
 
+# the trained model of _train.py, shipped in data/demo_model rather than generated here
+DEMO_PRESET = "demo"
 PRESETS = {
     "tiny": Preset("tiny", 2048, 2048, 256, 688, 4, 4, 2, False, 4_000, 1_500),
     "small": Preset("small", 32000, 32000, 768, 2048, 12, 12, 4, True, 120_000, 60_000),
@@ -192,6 +197,8 @@ def _tokenizer_config(im_start: int, im_end: int) -> dict[str, Any]:
 
 def preset_num_params(preset: str) -> int:
     """Return the parameter count of a preset's model; raise ValueError for an unknown one."""
+    if preset == DEMO_PRESET:
+        return load_config(demo_model_path()).num_params
     if preset not in PRESETS:
         raise ValueError(f"preset: unknown {preset!r} (use one of {', '.join(PRESETS)})")
     return parse_config(_config_json(PRESETS[preset], 4)).num_params
@@ -213,14 +220,19 @@ def init_model_dir(
 
     Files: config.json, generation_config.json, model.safetensors (normal(0, 0.02) weights
     from ``seed``, norms at 1), tokenizer.model, tokenizer_config.json (with a chat template),
-    special_tokens_map.json. Raises ValueError for an unknown preset or a negative seed, and
-    FileExistsError when ``path`` holds files and ``force`` is false.
+    special_tokens_map.json. The ``demo`` preset copies the trained demo model that ships in
+    the package (seed 0 only; examples/train_demo_model.py retrains it). Raises ValueError for
+    an unknown preset or a bad seed, and FileExistsError when ``path`` holds files and
+    ``force`` is false.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset: unknown {preset!r} (use one of {', '.join(PRESETS)})")
+    if preset not in PRESETS and preset != DEMO_PRESET:
+        raise ValueError(f"preset: unknown {preset!r} "
+                         f"(use one of {', '.join([*PRESETS, DEMO_PRESET])})")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
-    p = PRESETS[preset]
+    if preset == DEMO_PRESET and seed != 0:
+        raise ValueError(f"seed: the demo preset is the trained model of seed 0, got {seed} "
+                         f"(train another with examples/train_demo_model.py --seed {seed})")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory")
@@ -230,7 +242,14 @@ def init_model_dir(
     # a stale index or shards from an earlier model would take precedence over ours
     for stale in [out / "model.safetensors.index.json", *out.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
+    if preset == DEMO_PRESET:
+        if progress:
+            _progress("copying the trained demo model")
+        for src in sorted(demo_model_path().iterdir()):
+            shutil.copyfile(src, out / src.name)
+        return out
 
+    p = PRESETS[preset]
     if progress:
         _progress(f"training a {p.tokenizer_vocab}-piece sentencepiece tokenizer")
     proto = _train_tokenizer(p)

@@ -11,13 +11,14 @@ from ._common import CLIError
 
 __all__ = ["register"]
 
-_PRESETS = ("tiny", "small")
+_PRESETS = ("tiny", "small", "demo")
 _DESCRIPTION = """\
 Model directories in the Hugging Face format the Runtime loads (config.json, model.safetensors,
 tokenizer.model, tokenizer_config.json with a chat template). No weights can be downloaded, so
 `init` writes a Llama-shaped model with random weights and a sentencepiece tokenizer trained on
 text that ships with resultity: `tiny` (about 4M parameters) for tests, `small` (about 100M
-parameters, vocab 32000) for benchmarks and demos.
+parameters, vocab 32000) for benchmarks. `demo` is not random: it copies the small model
+trained on questions about Resultity that ships with the runtime (what `resultity demo` serves).
 """
 
 
@@ -54,6 +55,9 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def _init(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise CLIError(f"--seed must be a non-negative integer, got {args.seed}", status=2)
+    if args.preset == "demo" and args.seed != 0:
+        raise CLIError("--seed: the demo preset is a trained model (seed 0); train another with "
+                       "examples/train_demo_model.py --seed N", status=2)
     path = Path(args.dir)
     if path.exists() and not path.is_dir():
         raise CLIError(f"{path}: exists and is not a directory")

@@ -264,3 +264,24 @@ def test_demo_model_directory_is_small_and_complete() -> None:
     config = parse_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
     assert config.tie_word_embeddings
     assert load_tokenizer(path, config).vocab_size == config.vocab_size
+
+
+def test_model_init_demo_preset_writes_the_shipped_model(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    from resultity_runtime._presets import init_model_dir, preset_num_params
+    from resultity_servers.cli import main
+
+    shipped = demo_model_path()
+    out = init_model_dir(tmp_path / "lib", "demo")
+    for src in shipped.iterdir():
+        assert (out / src.name).read_bytes() == src.read_bytes(), src.name
+    with pytest.raises(ValueError, match="seed"):
+        init_model_dir(tmp_path / "seeded", "demo", seed=1)
+    assert preset_num_params("demo") == sum(
+        t.numel() for t in load_file(str(shipped / "model.safetensors")).values())
+    assert main(["model", "init", str(tmp_path / "cli"), "--preset", "demo"]) == 0
+    assert f"{tmp_path / 'cli'}: demo preset, seed 0, 1,869,504 parameters" in (
+        capsys.readouterr().out)
+    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (
+        shipped / "model.safetensors").read_bytes()
