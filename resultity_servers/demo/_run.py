@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
@@ -261,11 +262,10 @@ async def sample_chat(base_url: str, api_key: str, model: str, out: TextIO, *,
     text: list[str] = []
     usage: dict[str, Any] = {}
     finish = None
-    path = base_url.split("://", 1)[-1].partition("/")[2]
-    root = base_url[: len(base_url) - len(path) - 1] if path else base_url
-    async with HTTPClient(root, timeout_s=120.0) as client, client.stream(
-            "POST", f"/{path}/chat/completions".replace("//", "/"), json=body,
-            headers={"authorization": f"Bearer {api_key}"}) as response:
+    url = urlsplit(base_url)
+    async with HTTPClient(f"{url.scheme}://{url.netloc}", timeout_s=120.0) as client, \
+            client.stream("POST", url.path.rstrip("/") + "/chat/completions", json=body,
+                          headers={"authorization": f"Bearer {api_key}"}) as response:
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {(await response.aread()).decode()}")
         async for event in response.aiter_sse():

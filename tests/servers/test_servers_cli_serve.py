@@ -203,3 +203,15 @@ def test_network_serve_runs_until_sigterm(tmp_path: Path) -> None:
             proc.communicate()
     assert proc.returncode == 0
     assert "stopped (SIGTERM)" in err
+
+
+def test_the_demo_package_imports_without_torch() -> None:
+    code = ("import sys, resultity_servers.demo as d, resultity_servers.cli._cmd_demo; "
+            "assert 'torch' not in sys.modules; print(len(d.__all__))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    import resultity_servers.demo as demo
+
+    assert int(result.stdout) == len(demo.__all__)
+    assert all(hasattr(demo, name) for name in demo.__all__)
