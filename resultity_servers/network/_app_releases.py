@@ -30,7 +30,7 @@ from ._errors import NodeAuthError
 from ._http_util import PREFIX, Reply, error_response, json_object
 from ._releases import ReleaseDesk
 
-__all__ = ["ReleaseRoutes", "attach_releases"]
+__all__ = ["ReleaseRoutes", "attach_releases", "release_routes"]
 
 
 class ReleaseRoutes:
@@ -109,4 +109,11 @@ def attach_releases(app: NetworkApp, desk: ReleaseDesk) -> ReleaseRoutes:
     ]
     for method, path, handler in table:
         app.router.add(method, PREFIX + path, app._guard(handler))
+    setattr(app, "_release_routes", routes)  # noqa: B010 - NetworkApp does not declare it
     return routes
+
+
+def release_routes(app: NetworkApp) -> ReleaseRoutes | None:
+    """Return the release routes attached to ``app`` (its ``desk`` and node reports)."""
+    routes = getattr(app, "_release_routes", None)
+    return routes if isinstance(routes, ReleaseRoutes) else None

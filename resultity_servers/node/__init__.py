@@ -9,6 +9,7 @@ child: importing this package does not import it.
 from __future__ import annotations
 
 from ._agent import Agent, save_trust_state
+from ._envs import RuntimeEnvError, current_python, install_environment
 from ._errors import (
     FrameError,
     JobSpecError,
@@ -18,6 +19,7 @@ from ._errors import (
     RuntimeFailedError,
     RuntimeJobError,
 )
+from ._fleet import prove_runtime
 from ._frames import (
     DEFAULT_MAX_FRAME,
     RUNTIME_FINISH_REASONS,
@@ -62,18 +64,22 @@ from ._transport import (
     HeartbeatAnswer,
     HTTPNetworkTransport,
     NetworkTransport,
+    ReleaseTransport,
     SessionLostError,
     TransportError,
 )
+from ._updates import RESTART_EXIT_CODE, AgentRestartRequired, UpdateError, Updater
 
 __all__ = [
     "DECIMAL_FIELDS",
     "DEFAULT_MAX_FRAME",
     "NODE_ROUTES",
+    "RESTART_EXIT_CODE",
     "RUNTIME_FINISH_REASONS",
     "Abort",
     "ActiveJob",
     "Agent",
+    "AgentRestartRequired",
     "ErrorFrame",
     "FrameDecoder",
     "FrameError",
@@ -95,6 +101,8 @@ __all__ = [
     "Progress",
     "Ready",
     "RegistrationError",
+    "ReleaseTransport",
+    "RuntimeEnvError",
     "RuntimeFailedError",
     "RuntimeJobError",
     "RuntimeMessage",
@@ -105,12 +113,16 @@ __all__ = [
     "Shutdown",
     "TokenEvent",
     "TransportError",
+    "UpdateError",
+    "Updater",
     "build_agent",
     "check_sampling",
     "confine",
+    "current_python",
     "decimal_text",
     "decode_frame_body",
     "encode_frame",
+    "install_environment",
     "install_model",
     "installed_path",
     "job_output_hash",
@@ -120,6 +132,7 @@ __all__ = [
     "package_version",
     "parse_job_request",
     "prepare_node_dir",
+    "prove_runtime",
     "run_job",
     "runtime_env",
     "save_trust_state",

@@ -43,7 +43,7 @@ from resultity_core import (
     canonical_bytes,
 )
 
-from ._errors import RegistrationError
+from ._errors import NodeError, RegistrationError
 from ._fleet import Fleet, Served
 from ._jobs import ActiveJob, run_job
 from ._models import ModelSource, Progress
@@ -51,6 +51,7 @@ from ._outbox import RETRY_S, Outbox
 from ._sandbox import package_version
 from ._supervisor import RuntimeSpec
 from ._transport import NetworkTransport, SessionLostError, TransportError
+from ._updates import AgentRestartRequired, Updater
 
 __all__ = ["Agent", "save_trust_state"]
 
@@ -72,8 +73,7 @@ def save_trust_state(trust: NodeTrustState, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _first(group: BaseExceptionGroup[Any], kind: type[RegistrationError]
-           ) -> RegistrationError | None:
+def _first(group: BaseExceptionGroup[Any], kind: type[NodeError]) -> NodeError | None:
     for exc in group.exceptions:
         if isinstance(exc, kind):
             return exc
@@ -106,7 +106,9 @@ class Agent:
         self.fleet = Fleet(source=source, install_dir=install_dir, runtime=runtime,
                            device=device, progress=progress)
         self.clock = clock
-        self.version = package_version()
+        self.code_version = package_version()
+        self.version = self.code_version
+        self.updater: Updater | None = None
         self.active: dict[str, ActiveJob] = {}
         self._job_runtimes: dict[str, Served] = {}
         self.refused: dict[str, str] = {}
@@ -149,6 +151,8 @@ class Agent:
     def can_lease(self) -> bool:
         """True when the node may take jobs now."""
         config = self.config
+        if self.updater is not None and self.updater.restart_requested:
+            return False
         return (config is not None and self.registered_models is not None
                 and config.participation.accept_jobs and self.clock() < config.expires_at
                 and self.reported_hash == self.trust.current_hash and bool(self.ready_models()))
@@ -176,11 +180,28 @@ class Agent:
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._lease_loop)
                 tg.start_soon(self.outbox.run)
+                if self.updater is not None:
+                    tg.start_soon(self.updater.run, tg)
+                    tg.start_soon(self._restart_watch)
         except BaseExceptionGroup as group:
-            refused = _first(group, RegistrationError)
-            if refused is not None:
-                raise refused from None
+            for kind in (RegistrationError, AgentRestartRequired):
+                found = _first(group, kind)
+                if found is not None:
+                    raise found from None
             raise
+
+    async def _restart_watch(self) -> None:
+        # After an update naming another agent version: stop taking jobs, let the running
+        # ones and their events drain, then end ``run`` so a supervisor restarts the Agent.
+        assert self.updater is not None
+        while not (self.updater.restart_requested and not self.active and not self.outbox):
+            with anyio.move_on_after(0.5):
+                await self._wake.wait()
+        raise AgentRestartRequired("the installed release needs the Agent to restart")
+
+    def save_trust(self) -> None:
+        """Persist the trust state (after applying a snapshot, release or root)."""
+        save_trust_state(self.trust, self.state_path)
 
     async def _register(self) -> None:
         attempt = refusals = 0
@@ -358,4 +379,6 @@ class Agent:
             "refused": dict(self.refused),
             "install_errors": dict(self.install_errors),
             "outbox": len(self.outbox),
+            "version": self.version,
+            "update_status": self.updater.status if self.updater is not None else None,
         }

@@ -9,6 +9,7 @@ Data directory layout (created 0700)::
     models/             model source: <name>/<version>/<files>, unless models_dir
     installed/          verified model copies the Runtime loads
     runtime/            the Runtime children's private working directories
+    runtimes/           installed releases: <version>/venv, downloads/, current.json
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from resultity_core import (
 )
 
 from ._agent import Agent, save_trust_state
+from ._envs import current_python
 from ._errors import NodeError
 from ._models import LocalDirectorySource, Progress
 from ._sandbox import SandboxLimits
 from ._supervisor import RuntimeSpec
-from ._transport import HTTPNetworkTransport, NetworkTransport
+from ._transport import HTTPNetworkTransport, NetworkTransport, ReleaseTransport
+from ._updates import Updater
 
 __all__ = ["NodeSettings", "build_agent", "log_progress", "prepare_node_dir", "serve_node"]
 
@@ -52,6 +55,10 @@ class NodeSettings:
     ``trust_root_digest`` pins the first trust root (``sha256:...``); without it the root file
     is trusted on first use. ``runtime_command`` replaces the Runtime child's command line
     (tests, containers); ``runtime_env`` is added to its cleared environment.
+    ``update_interval_s`` is how often the Agent looks for a new release or trust root (0:
+    never); ``restart_for_agent_update`` makes the Agent end (``AgentRestartRequired``) after
+    installing a release whose agent version differs from its own code, for a supervisor to
+    restart it from the new environment.
     """
 
     network_url: str
@@ -70,6 +77,9 @@ class NodeSettings:
     network_namespace: bool = True
     health_interval_s: float = 5.0
     progress: Progress | None = attrs.field(default=None, eq=False)
+    update_interval_s: float = 60.0
+    restart_for_agent_update: bool = False
+    drain_timeout_s: float = 600.0
 
     def path(self, given: Path | None, default: str) -> Path:
         """Return ``given`` or ``data_dir / default``."""
@@ -159,7 +169,10 @@ def build_agent(settings: NodeSettings, transport: NetworkTransport | None = Non
         threads=settings.runtime_threads, extra_env=dict(settings.runtime_env),
         health_interval_s=settings.health_interval_s,
     )
-    return Agent(
+    installed = current_python(data)
+    if installed is not None:  # a release installed earlier stays in force across restarts
+        runtime = attrs.evolve(runtime, python=installed[1])
+    agent = Agent(
         key=key, grant=grant, trust=trust,
         transport=transport or HTTPNetworkTransport(settings.network_url),
         source=LocalDirectorySource(settings.path(settings.models_dir, "models")),
@@ -168,6 +181,15 @@ def build_agent(settings: NodeSettings, transport: NetworkTransport | None = Non
         lease_wait_ms=settings.lease_wait_ms,
         progress=settings.progress or log_progress(),
     )
+    agent.fleet.drain_timeout_s = settings.drain_timeout_s
+    if installed is not None:
+        agent.version = installed[0]
+    if settings.update_interval_s > 0 and hasattr(agent.transport, "fetch_release"):
+        releases: ReleaseTransport = agent.transport  # type: ignore[assignment]
+        agent.updater = Updater(agent, releases, runtimes_dir=data / "runtimes",
+                                interval_s=settings.update_interval_s,
+                                restart_agent=settings.restart_for_agent_update)
+    return agent
 
 
 async def serve_node(settings: NodeSettings, transport: NetworkTransport | None = None) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "HTTPNetworkTransport",
     "HeartbeatAnswer",
     "NetworkTransport",
+    "ReleaseTransport",
     "SessionLostError",
     "TransportError",
 ]
@@ -58,6 +59,9 @@ NODE_ROUTES: Mapping[str, str] = {
     "lease": "/network/v1/nodes/lease",
     "events": "/network/v1/nodes/events",
     "receipts": "/network/v1/nodes/receipts",
+    "release": "/network/v1/nodes/release",
+    "artifact": "/network/v1/nodes/artifacts/{address}",
+    "update_status": "/network/v1/nodes/update-status",
 }
 
 
@@ -136,8 +140,9 @@ class HTTPNetworkTransport:
         await self.http.aclose()
 
     async def _call(self, method: str, route: str, payload: Any = None, *,
-                    timeout_s: float | None = None, **params: str) -> Any:
-        path = NODE_ROUTES[route].format(**params)
+                    timeout_s: float | None = None, query: str = "", raw: bool = False,
+                    **params: str) -> Any:
+        path = NODE_ROUTES[route].format(**params) + query
         headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
         try:
             if payload is None:
@@ -158,6 +163,8 @@ class HTTPNetworkTransport:
                 raise RegistrationError(f"the network refused this node: {detail}")
             raise TransportError(f"{method} {path}: HTTP {response.status}: {detail}",
                                  retryable=response.status >= 500)
+        if raw:
+            return response.body
         try:
             return response.json()
         except ValueError:
@@ -213,6 +220,42 @@ class HTTPNetworkTransport:
         """See NetworkTransport."""
         body = await self._call("POST", "receipts", submit.to_payload())
         return body if isinstance(body, dict) else {}
+
+    async def fetch_release(self, root_version: int) -> dict[str, Any]:
+        """See ReleaseTransport."""
+        body = await self._call("GET", "release", query=f"?root_version={int(root_version)}")
+        if not isinstance(body, dict) or not isinstance(body.get("roots", []), list):
+            raise TransportError("malformed release answer")
+        return body
+
+    async def fetch_artifact(self, address: str) -> bytes:
+        """See ReleaseTransport."""
+        data = await self._call("GET", "artifact", raw=True, timeout_s=max(self.timeout_s, 120),
+                                address=address)
+        assert isinstance(data, bytes)
+        return data
+
+    async def report_update(self, node_id: str, version: str, status: str) -> None:
+        """See ReleaseTransport."""
+        await self._call("POST", "update_status", {"node_id": node_id, "version": version,
+                                                   "update_status": status[:1000]})
+
+
+class ReleaseTransport(Protocol):
+    """What the Agent's updater needs from the Network (``HTTPNetworkTransport`` has it)."""
+
+    async def fetch_release(self, root_version: int) -> dict[str, Any]:
+        """Return ``{"roots": [root envelopes newer than root_version], "release": the
+        current Release envelope or None}``."""
+        ...
+
+    async def fetch_artifact(self, address: str) -> bytes:
+        """Return the bytes of the artifact stored at ``address`` (``sha256:<hex>``)."""
+        ...
+
+    async def report_update(self, node_id: str, version: str, status: str) -> None:
+        """Tell the Network the node's version and the outcome of its last update."""
+        ...
 
 
 def _get(body: object, key: str) -> object:
