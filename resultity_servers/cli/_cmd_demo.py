@@ -56,6 +56,8 @@ def register(subparsers: Any) -> None:
                         help="give up when no node is ready after this long (default 600)")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="CPU threads of each node's Runtime (default: cores / nodes)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of the nodes' Runtimes (default cpu; e.g. cuda)")
     parser.set_defaults(handler=_demo)
 
 
@@ -79,7 +81,8 @@ def _demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(name)s %(levelname)s: %(message)s")
     options = DemoOptions(data_dir=data_dir, port=args.port, nodes=args.nodes,
-                          api_key=args.api_key, preset=args.preset, runtime_threads=threads)
+                          api_key=args.api_key, preset=args.preset, runtime_threads=threads,
+                          device=args.device)
 
     async def main() -> int:
         try:

@@ -92,6 +92,7 @@ class DemoOptions:
     heartbeat_timeout_s: float = 5.0
     runtime_threads: int = 0
     network_namespace: bool = True
+    device: str = "cpu"
 
 
 @attrs.frozen
@@ -218,7 +219,7 @@ def demo_node_config(files: DemoFiles, network_url: str, now: int, version: int)
     config = NodeConfig(
         version=version, issued_at=now - 60, expires_at=now + 30 * _DAY,
         models=(files.model,),
-        runtime=RuntimeParams("torch", max_batch_size=8, max_model_len=2048,
+        runtime=RuntimeParams("auto", max_batch_size=8, max_model_len=2048,
                               kv_cache_bytes=64 << 20),
         network=NetworkParams((network_url,), heartbeat_interval_ms=1_000,
                               lease_timeout_ms=20_000, request_timeout_ms=30_000),

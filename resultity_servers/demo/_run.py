@@ -109,7 +109,7 @@ class Demo:
         self.nodes.append(node)
         settings = NodeSettings(
             self.network_url, self.files.node_dir(index), models_dir=self.files.models_dir,
-            runtime_threads=self.options.runtime_threads,
+            runtime_threads=self.options.runtime_threads, device=self.options.device,
             network_namespace=self.options.network_namespace,
         )
         node.agent = build_agent(settings)
