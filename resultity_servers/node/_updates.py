@@ -109,6 +109,7 @@ class Updater:
                 self._set_status(f"refused trust root: {type(exc).__name__}: {exc}")
                 break
             self.agent.save_trust()
+            self.agent.refused.clear()  # snapshots refused under the old keys may pass now
             log.info("trust root rotated to v%d", new.version)
         envelope = pointer.get("release")
         if envelope is not None:
