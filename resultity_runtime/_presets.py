@@ -63,11 +63,12 @@ class Preset:
     max_position_embeddings: int = 4096
 
 
-# the trained model of _train.py, shipped in data/demo_model rather than generated here
+# the trained model of _train.py (this is its shape): copied from data/demo_model, not generated
 DEMO_PRESET = "demo"
 PRESETS = {
     "tiny": Preset("tiny", 2048, 2048, 256, 688, 4, 4, 2, False, 4_000, 1_500),
     "small": Preset("small", 32000, 32000, 768, 2048, 12, 12, 4, True, 120_000, 60_000),
+    DEMO_PRESET: Preset(DEMO_PRESET, 1536, 1536, 192, 512, 4, 6, 2, True, 0, 0, 1024),
 }
 
 _ONSETS = ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v",
@@ -225,9 +226,8 @@ def init_model_dir(
     an unknown preset or a bad seed, and FileExistsError when ``path`` holds files and
     ``force`` is false.
     """
-    if preset not in PRESETS and preset != DEMO_PRESET:
-        raise ValueError(f"preset: unknown {preset!r} "
-                         f"(use one of {', '.join([*PRESETS, DEMO_PRESET])})")
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown {preset!r} (use one of {', '.join(PRESETS)})")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
     if preset == DEMO_PRESET and seed != 0:

@@ -269,7 +269,7 @@ def test_demo_model_directory_is_small_and_complete() -> None:
 def test_model_init_demo_preset_writes_the_shipped_model(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]
                                                           ) -> None:
-    from resultity_runtime._presets import init_model_dir, preset_num_params
+    from resultity_runtime._presets import PRESETS, init_model_dir, preset_num_params
     from resultity_servers.cli import main
 
     shipped = demo_model_path()
@@ -280,6 +280,14 @@ def test_model_init_demo_preset_writes_the_shipped_model(tmp_path: Path,
         init_model_dir(tmp_path / "seeded", "demo", seed=1)
     assert preset_num_params("demo") == sum(
         t.numel() for t in load_file(str(shipped / "model.safetensors")).values())
+    p = PRESETS["demo"]  # the preset table describes the shipped model's shape
+    config = parse_config(json.loads((shipped / "config.json").read_text(encoding="utf-8")))
+    assert (p.vocab_size, p.hidden_size, p.intermediate_size, p.num_hidden_layers,
+            p.num_attention_heads, p.num_key_value_heads, p.tie_word_embeddings,
+            p.max_position_embeddings) == (
+        config.vocab_size, config.hidden_size, config.intermediate_size,
+        config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+        config.tie_word_embeddings, config.max_position_embeddings)
     assert main(["model", "init", str(tmp_path / "cli"), "--preset", "demo"]) == 0
     assert f"{tmp_path / 'cli'}: demo preset, seed 0, 1,869,504 parameters" in (
         capsys.readouterr().out)
