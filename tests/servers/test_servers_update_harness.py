@@ -51,7 +51,7 @@ from resultity_servers.node import (
 )
 
 FAKE = Path(__file__).with_name("test_servers_node_fakeruntime.py")
-ROLES = ("root", "config", "release", "network")
+WHEEL_VERSIONS = ("0.9.1", "0.9.2")
 
 
 async def until(condition: Callable[[], object], timeout: float = 15.0) -> None:
@@ -139,10 +139,11 @@ class Running:
 
 @asynccontextmanager
 async def running(world: World, *, trusted_network: bool = True, mode: str = "ok",
-                  interval_s: float = 0.2, data_dir: Path | None = None
+                  interval_s: float = 0.2, data_dir: Path | None = None, fake: bool = True,
                   ) -> AsyncIterator[Running]:
     """Run a Network (checking releases against the root unless ``trusted_network`` is
-    False: then it serves whatever it is given, as a compromised one would) and the node."""
+    False: then it serves whatever it is given, as a compromised one would) and the node,
+    with the fake Runtime (``mode``) or, unless ``fake``, the real sandboxed one."""
     settings = NetworkSettings(
         port=0, service_token="svc", max_lease_wait_s=0.5, data_dir=str(data_dir)
         if data_dir is not None else None,
@@ -154,9 +155,10 @@ async def running(world: World, *, trusted_network: bool = True, mode: str = "ok
         coordinator.create_account(world.now, account_id="buyer", initial_credits=10**9)
         coordinator.publish_config(
             sign_envelope(world.config.to_payload(), [world.config_key]), world.now)
+        command = ("{python}", str(FAKE), mode, str(world.log)) if fake else None
         node = NodeSettings(network_url=server.url, data_dir=world.data, lease_wait_ms=500,
-                            runtime_command=("{python}", str(FAKE), mode, str(world.log)),
-                            update_interval_s=interval_s, network_namespace=False)
+                            runtime_command=command, runtime_threads=1,
+                            update_interval_s=interval_s, network_namespace=not fake)
         agent = build_agent(node, transport=HTTPNetworkTransport(server.url))
         routes = release_routes(app)
         assert routes is not None
