@@ -140,6 +140,7 @@ class Running:
 @asynccontextmanager
 async def running(world: World, *, trusted_network: bool = True, mode: str = "ok",
                   interval_s: float = 0.2, data_dir: Path | None = None, fake: bool = True,
+                  script: Path = FAKE, prove_timeout_s: float = 30.0,
                   ) -> AsyncIterator[Running]:
     """Run a Network (checking releases against the root unless ``trusted_network`` is
     False: then it serves whatever it is given, as a compromised one would) and the node,
@@ -155,11 +156,12 @@ async def running(world: World, *, trusted_network: bool = True, mode: str = "ok
         coordinator.create_account(world.now, account_id="buyer", initial_credits=10**9)
         coordinator.publish_config(
             sign_envelope(world.config.to_payload(), [world.config_key]), world.now)
-        command = ("{python}", str(FAKE), mode, str(world.log)) if fake else None
+        command = ("{python}", str(script), mode, str(world.log)) if fake else None
         node = NodeSettings(network_url=server.url, data_dir=world.data, lease_wait_ms=500,
                             runtime_command=command, runtime_threads=1,
                             update_interval_s=interval_s, network_namespace=not fake)
         agent = build_agent(node, transport=HTTPNetworkTransport(server.url))
+        agent.fleet.prove_timeout_s = prove_timeout_s
         routes = release_routes(app)
         assert routes is not None
         async with NetworkAdminClient(server.url, "svc") as admin, \
