@@ -107,18 +107,25 @@ def bench_hf_decode(model_dir: Path, prompt: list[int], n: int, runs: int) -> fl
     return (n - 1) / (tn - t1)
 
 
-def bench_concurrent(engine: Engine, prompt: list[int], count: int, n: int) -> tuple[float, int]:
-    """Returns (aggregate generated tokens/s, peak RSS KiB) for ``count`` concurrent requests."""
+def bench_concurrent(
+    engine: Engine, prompt: list[int], count: int, n: int, runs: int
+) -> tuple[float, int]:
+    """Returns (best aggregate generated tokens/s over ``runs``, peak RSS KiB) for ``count``
+    concurrent requests."""
     p = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    # distinct prompts (no prefix sharing beyond the first block): vary the second token
-    prompts = [[prompt[0], 100 + i, *prompt[2:]] for i in range(count)]
-    _reset_peak_rss()
-    t0 = _now()
-    outs = engine.generate(prompts, p)
-    dt = _now() - t0
-    tokens = sum(len(o.token_ids) for o in outs)
-    assert tokens == count * n
-    return tokens / dt, _status_kib("VmHWM")
+    best, peak = 0.0, 0
+    for r in range(runs):
+        # distinct prompts (no prefix sharing beyond the first block): vary the second token
+        prompts = [[prompt[0], 1000 + 100 * r + i, *prompt[2:]] for i in range(count)]
+        _reset_peak_rss()
+        t0 = _now()
+        outs = engine.generate(prompts, p)
+        dt = _now() - t0
+        tokens = sum(len(o.token_ids) for o in outs)
+        assert tokens == count * n
+        best = max(best, tokens / dt)
+        peak = max(peak, _status_kib("VmHWM"))
+    return best, peak
 
 
 def bench_ttft(engine: Engine, length: int, runs: int) -> float:
@@ -144,7 +151,9 @@ def measure_engine(
     prompt = _prompt_ids(engine, prompt_len)
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))  # warm up
     for count in (1, 16, 64):
-        res[f"agg{count}"], res[f"rss{count}"] = bench_concurrent(engine, prompt, count, tokens)
+        res[f"agg{count}"], res[f"rss{count}"] = bench_concurrent(
+            engine, prompt, count, tokens, runs if count < 64 else 1
+        )
     res["ttft"] = bench_ttft(engine, 512, runs)
     res["decode"] = bench_engine_decode(engine, prompt, tokens, runs)
     return res, prompt
