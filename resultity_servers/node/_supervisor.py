@@ -110,7 +110,7 @@ class RuntimeSupervisor:
 
     ``state`` is ``stopped``, ``starting``, ``ready`` or ``backoff``; ``restarts`` counts
     restarts, ``last_error`` says why the last child ended (None before any ended),
-    ``sandbox`` is what the last child reported in its ``ready`` frame.
+    ``sandbox`` and ``version`` are what the last child reported in its ``ready`` frame.
     """
 
     def __init__(self, spec: RuntimeSpec, model: LoadModel | None = None) -> None:
@@ -120,6 +120,7 @@ class RuntimeSupervisor:
         self.restarts = 0
         self.last_error: str | None = None
         self.sandbox: dict[str, Any] = {}
+        self.version: str | None = None
         self.max_seq_len: int | None = None
         self._exit_reason: str | None = None
         self._jobs: dict[str, _Job] = {}
@@ -229,6 +230,9 @@ class RuntimeSupervisor:
         spec = self.spec
         spec.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = runtime_env(spec.workdir, threads=spec.threads, extra=spec.extra_env)
+        if spec.python is not None and "PYTHONPATH" not in spec.extra_env:
+            # A versioned environment imports its own resultity, not the Agent's code.
+            env.pop("PYTHONPATH", None)
         stderr: IO[bytes] | None = None
         if spec.log_path is not None:
             stderr = spec.log_path.open("ab")
@@ -343,6 +347,7 @@ class RuntimeSupervisor:
                 self._loaded.set()
         elif isinstance(m, Ready) and not self._got_ready.is_set():
             self.sandbox = dict(m.sandbox)
+            self.version = m.version
             self._got_ready.set()
         elif isinstance(m, ModelLoaded) and self.model is not None and m.name == self.model.name:
             self.max_seq_len = m.max_seq_len

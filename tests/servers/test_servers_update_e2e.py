@@ -29,6 +29,7 @@ from resultity_servers.network import AdminRequestError
 from resultity_servers.node import model_entry_for_dir
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+WRAPPER = Path(__file__).with_name("test_servers_sandbox_badruntime.py")
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ async def test_a_node_updates_twice_without_a_failed_request(
     world = make_world(tmp_path)
     first, second = WHEEL_VERSIONS
     runtimes = world.data / "runtimes"
-    async with running(world, interval_s=0.2) as run:
+    async with running(world, interval_s=0.2, script=WRAPPER) as run:
         await _release(run, world, 1, wheels[first], first)
         await until(lambda: run.agent.version == first, timeout=120)
         served = run.agent.fleet.runtimes["echo"]
@@ -96,13 +97,21 @@ async def test_a_node_updates_twice_without_a_failed_request(
                        "python": str(runtimes / second / "venv" / "bin" / "python")}
     state = json.loads((world.data / "trust-state.json").read_text())
     assert state["release"]["signed"]["version"] == 2
+    # Each Runtime imported the code of its own environment (not the Agent's).
+    imports = [line.split() for line in world.log.read_text().splitlines()
+               if line.startswith("imports")]
+    assert [v for _, v, _ in imports] == [run.agent.code_version, first, second]
+    for _, version, path in imports[1:]:
+        assert path.startswith(str(runtimes / version / "venv"))
     # Restarted, the node starts its Runtime from the installed release at once.
-    async with running(world, interval_s=0.2) as run:
+    async with running(world, interval_s=0.2, script=WRAPPER) as run:
         assert run.agent.version == second
         served = run.agent.fleet.runtimes["echo"]
         assert served.supervisor.spec.python == current["python"]
         job = submit(run, "after a restart", 3)
         await until(lambda: run.app.coordinator.get_job(job).state == JobState.DONE)
+    last = [line for line in world.log.read_text().splitlines() if line.startswith("imports")]
+    assert last[-1].split()[1] == second
 
 
 async def test_the_real_runtime_updates_with_no_failed_request(
@@ -145,3 +154,5 @@ async def test_the_real_runtime_updates_with_no_failed_request(
         assert _cmdline(served.supervisor.pid)[1:3] == [
             "-m", "resultity_servers.node._runtime_main"]
         assert _cmdline(served.supervisor.pid)[0].endswith(f"runtimes/{second}/venv/bin/python")
+        assert served.supervisor.version == second  # from its ready frame
+        assert "PYTHONPATH" not in Path(f"/proc/{served.supervisor.pid}/environ").read_text()
