@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,7 +59,8 @@ class NodeSettings:
     ``update_interval_s`` is how often the Agent looks for a new release or trust root (0:
     never); ``restart_for_agent_update`` makes the Agent end (``AgentRestartRequired``) after
     installing a release whose agent version differs from its own code, for a supervisor to
-    restart it from the new environment.
+    restart it from the new environment (default: environment variable
+    ``RESULTITY_NODE_RESTART_ON_UPDATE=1``, so a container can enable it).
     """
 
     network_url: str
@@ -78,7 +80,8 @@ class NodeSettings:
     health_interval_s: float = 5.0
     progress: Progress | None = attrs.field(default=None, eq=False)
     update_interval_s: float = 60.0
-    restart_for_agent_update: bool = False
+    restart_for_agent_update: bool = attrs.field(
+        factory=lambda: os.environ.get("RESULTITY_NODE_RESTART_ON_UPDATE", "") == "1")
     drain_timeout_s: float = 600.0
 
     def path(self, given: Path | None, default: str) -> Path:

@@ -156,3 +156,24 @@ async def test_the_real_runtime_updates_with_no_failed_request(
         assert _cmdline(served.supervisor.pid)[0].endswith(f"runtimes/{second}/venv/bin/python")
         assert served.supervisor.version == second  # from its ready frame
         assert "PYTHONPATH" not in Path(f"/proc/{served.supervisor.pid}/environ").read_text()
+
+
+async def test_a_new_agent_version_ends_the_agent_after_its_jobs_for_a_restart(
+        tmp_path: Path, wheels: dict[str, Path]) -> None:
+    world = make_world(tmp_path)
+    second = WHEEL_VERSIONS[1]
+    async with running(world, interval_s=0.2, script=WRAPPER) as run:
+        assert run.agent.updater is not None
+        run.agent.updater.restart_agent = True
+        long = submit(run, "a job the restart waits for", 800)
+        await until(lambda: run.agent.active)
+        await _release(run, world, 1, wheels[second], second)
+        await until(lambda: run.agent.updater is not None
+                    and run.agent.updater.restart_requested, timeout=120)
+        assert not run.agent.can_lease()
+        assert not run.restart  # the job is still running
+        await until(lambda: run.restart, timeout=30)
+        assert run.app.coordinator.get_job(long).state == JobState.DONE
+        assert run.app.coordinator.get_job(long).completion_tokens == 800
+    assert json.loads((world.data / "runtimes" / "current.json").read_text())["version"] \
+        == second

@@ -44,6 +44,7 @@ from resultity_servers.network._releases import artifact_address
 from resultity_servers.network._serve import NetworkSettings, running_network
 from resultity_servers.node import (
     Agent,
+    AgentRestartRequired,
     HTTPNetworkTransport,
     NodeSettings,
     build_agent,
@@ -126,6 +127,7 @@ class Running:
     routes: ReleaseRoutes
     admin: NetworkAdminClient
     tg: anyio.abc.TaskGroup
+    restart: list[AgentRestartRequired] = attrs.field(factory=list)
 
     async def publish(self, envelope: Envelope, artifacts: Sequence[bytes]) -> None:
         for data in artifacts:
@@ -166,10 +168,18 @@ async def running(world: World, *, trusted_network: bool = True, mode: str = "ok
         assert routes is not None
         async with NetworkAdminClient(server.url, "svc") as admin, \
                 anyio.create_task_group() as tg:
-            tg.start_soon(agent.run)
+            restart: list[AgentRestartRequired] = []
+
+            async def run_agent() -> None:
+                try:
+                    await agent.run()
+                except AgentRestartRequired as exc:
+                    restart.append(exc)
+
+            tg.start_soon(run_agent)
             await until(lambda: any(n.state == "ready" for n in coordinator.list_nodes()))
             try:
-                yield Running(server, app, agent, routes, admin, tg)
+                yield Running(server, app, agent, routes, admin, tg, restart)
             finally:
                 tg.cancel_scope.cancel()
         await agent.transport.aclose()
