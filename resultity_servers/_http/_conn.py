@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -65,7 +66,12 @@ async def close_gracefully(stream: anyio.abc.ByteStream, linger_s: float = 0.5) 
 
 
 class Connection:
-    """Serve requests on one accepted stream until it closes, times out, or the server stops."""
+    """Serve requests on one accepted stream until it closes, times out, or the server stops.
+
+    Timeouts are deadlines (``time.monotonic()`` seconds) that the server's watchdog checks
+    (``check_deadlines``) a few times per shortest timeout: setting one is a float store, where
+    a timer scope per read or write would cost a scheduled callback each.
+    """
 
     def __init__(self, server: HTTPServer, stream: anyio.abc.SocketStream) -> None:
         self.server = server
@@ -83,8 +89,9 @@ class Connection:
         self._eof = False
         self._timed_out = False
         self._read_scope = anyio.CancelScope()
+        self.read_deadline = math.inf
+        self.send_deadline = math.inf
         self._active: Request | None = None
-        self._active_scope: anyio.CancelScope | None = None
         try:
             address = stream.extra(anyio.abc.SocketAttribute.remote_address)
             self.client = (str(address[0]), int(address[1])) if isinstance(address, tuple) else None
@@ -94,6 +101,21 @@ class Connection:
     def close_if_idle(self) -> None:
         """Close now if waiting for a next request with nothing buffered (used on shutdown)."""
         if self.idle:
+            self.scope.cancel()
+
+    def check_deadlines(self, now: float) -> None:
+        """Apply the read and send deadlines that have passed by ``now`` (monotonic seconds).
+
+        A read past its deadline stops the reader (the serving loop then answers 408 or
+        closes); a send past its deadline means the client stopped reading: the request counts
+        as disconnected and the connection ends.
+        """
+        if now >= self.read_deadline and not self._timed_out:
+            self._read_scope.cancel()
+        if now >= self.send_deadline:
+            self.send_deadline = math.inf
+            if self._active is not None:
+                self._active.disconnected.set()
             self.scope.cancel()
 
     async def run(self) -> None:
@@ -123,8 +145,8 @@ class Connection:
     # is noticed at once (the handler is cancelled) without a task per request.
 
     async def _reader(self) -> None:
-        # Read timeouts live here, on one long-lived scope whose deadline the serving loop
-        # moves (``_set_read_deadline``): cheaper than a timer scope around every wait.
+        # Read timeouts cancel this one long-lived scope: the serving loop moves
+        # ``read_deadline`` and the server's watchdog calls ``check_deadlines``.
         with self._read_scope:
             while True:
                 if self._buffered > _MAX_PIPELINED:
@@ -146,16 +168,17 @@ class Connection:
                 self._data_ready.set()
                 if not data:
                     self._eof = True
-                    if self._active is not None and self._active_scope is not None:
+                    if self._active is not None:
+                        # The client went away mid-request: cancel the handler or stream
+                        # (ending the connection, which could not answer anyway).
                         self._active.disconnected.set()
-                        self._active_scope.cancel()
+                        self.scope.cancel()
                     return
         self._timed_out = True
         self._data_ready.set()
 
     def _set_read_deadline(self, deadline: float) -> None:
-        if not self._timed_out:
-            self._read_scope.deadline = deadline
+        self.read_deadline = deadline
 
     async def _wait_for_data(self) -> bool:
         """Wait until the reader fed h11 more bytes (or EOF); False once the read timed out."""
@@ -180,7 +203,7 @@ class Connection:
         # Idle: nothing of a request received yet, so shutdown may close it at once.
         self.idle = not buffered
         limit = self.config.header_timeout_s if first else self.config.idle_timeout_s
-        self._set_read_deadline(anyio.current_time() + limit)
+        self._set_read_deadline(time.monotonic() + limit)
         try:
             while True:
                 event = self._next_event()
@@ -192,7 +215,7 @@ class Connection:
                     raise _BadRequest(400, f"unexpected {event!r} before a request")
                 if self.idle and self.h11.trailing_data[0]:
                     self.idle = False  # a request has begun: now the head timeout applies
-                    self._set_read_deadline(anyio.current_time() + self.config.header_timeout_s)
+                    self._set_read_deadline(time.monotonic() + self.config.header_timeout_s)
                 if not await self._wait_for_data():
                     # Timed out: a silent or too slow client.
                     if self.h11.trailing_data[0]:
@@ -204,7 +227,7 @@ class Connection:
     async def _read_body(self) -> bytes:
         body = bytearray()
         limit = self.config.max_body_bytes
-        self._set_read_deadline(anyio.current_time() + self.config.body_timeout_s)
+        self._set_read_deadline(time.monotonic() + self.config.body_timeout_s)
         while True:
             event = self._next_event()
             if isinstance(event, h11.Data):
@@ -282,12 +305,10 @@ class Connection:
             request.disconnected.set()
             return True
         self._set_read_deadline(math.inf)  # the handler may take its time
-        scope = anyio.CancelScope()
-        self._active, self._active_scope = request, scope
+        self._active = request
         close = False
         try:
-            with scope:
-                await self._respond(request)
+            await self._respond(request)
         except _ClientGone:
             request.disconnected.set()
             close = True
@@ -296,7 +317,7 @@ class Connection:
             # connection rather than send something malformed.
             close = True
         finally:
-            self._active = self._active_scope = None
+            self._active = None
         return close or request.disconnected.is_set()
 
     async def _respond(self, request: Request) -> None:
@@ -372,13 +393,14 @@ class Connection:
     async def _write(self, data: bytes | None) -> None:
         if not data:
             return
-        with anyio.move_on_after(self.config.send_timeout_s) as scope:
-            try:
-                await self.stream.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                raise _ClientGone from exc
-        if scope.cancelled_caught:
-            raise _ClientGone
+        # A send still blocked at ``send_deadline`` ends the connection (check_deadlines).
+        self.send_deadline = time.monotonic() + self.config.send_timeout_s
+        try:
+            await self.stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise _ClientGone from exc
+        finally:
+            self.send_deadline = math.inf
 
     async def _send(self, event: h11.Event) -> None:
         await self._write(self.h11.send(event))
@@ -412,6 +434,7 @@ class _Status(Exception):
         self.message = message
 
 
+@functools.cache
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("ascii")

@@ -67,6 +67,9 @@ class Router:
         return register
 
     def _match(self, path: str) -> tuple[dict[str, Handler], dict[str, str]] | None:
+        exact = self._static.get(path)  # the common case, without splitting the path
+        if exact is not None:
+            return exact, {}
         segments = _split(path)
         static = self._static.get("/" + "/".join(segments))
         if static is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -111,6 +112,7 @@ class HTTPServer:
         self._port = int(socket_listeners[0].extra(anyio.abc.SocketAttribute.local_port))
         try:
             async with anyio.create_task_group() as conn_tg:
+                conn_tg.start_soon(self._watchdog)
                 async with anyio.create_task_group() as accept_tg:
                     for sub in socket_listeners:
                         accept_tg.start_soon(self._accept_loop, sub, conn_tg)
@@ -160,6 +162,19 @@ class HTTPServer:
             self._connections.add(connection)
             self._all_closed = anyio.Event()
             conn_tg.start_soon(self._run_connection, connection)
+
+    async def _watchdog(self) -> None:
+        # Applies every connection's read and send deadlines, a few times per shortest
+        # timeout: a timeout fires at most a quarter of the shortest one (and 1 s) late.
+        config = self.config
+        shortest = min(config.header_timeout_s, config.idle_timeout_s, config.body_timeout_s,
+                       config.send_timeout_s)
+        interval = min(1.0, max(0.01, shortest / 4))
+        while True:
+            await anyio.sleep(interval)
+            now = time.monotonic()
+            for connection in list(self._connections):
+                connection.check_deadlines(now)
 
     async def _run_connection(self, connection: Connection) -> None:
         try:
