@@ -28,6 +28,8 @@ def test_demo_once_answers_the_sample_and_exits_0(tmp_path: Path) -> None:
     assert re.fullmatch(r"API key: rk-\S+", lines[1])
     answer = first.stdout.split("> What does the Network do in Resultity?\n", 1)[1]
     assert answer.strip(), "the sample request streamed no text"
+    if "model: demo" in lines:  # the trained demo model answers about its own network
+        assert "network" in answer.lower()
     assert "creating the" in first.stderr
     assert "ready" in first.stderr
     assert "sample answered" in first.stderr
