@@ -149,13 +149,15 @@ class DeskBase:
 
     def _dispatch(self, tx: StoreTx) -> None:
         """Assign unassigned queued jobs to the least loaded ready node with the model."""
-        queued = tx.list_jobs([JobState.QUEUED], unassigned=True)
-        if not queued:
-            return
         nodes = [n for n in tx.list_nodes() if n.state == NodeState.READY]
         if not nodes:
             return
         load = tx.active_job_counts()
+        # Every node full (the usual case under load): nothing can move, so skip reading
+        # (and decoding) the whole queue, which this runs for on every submit and lease.
+        if all(load.get(n.node_id, 0) >= self._capacity(n) for n in nodes):
+            return
+        queued = tx.list_jobs([JobState.QUEUED], unassigned=True)
         for job in queued:
             best: NodeRecord | None = None
             for node in nodes:
