@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from ._admin import AdminRequestError, CreatedAccount, NetworkAdminClient
 from ._app import NetworkApp
+from ._app_releases import ReleaseRoutes, attach_releases, release_routes
 from ._coordinator import AccountBalance, Coordinator, ModelInfo
 from ._desk import n_choices
 from ._errors import (
@@ -57,6 +58,8 @@ from ._records import (
     ReceiptRecord,
     SnapshotRecord,
 )
+from ._release_admin import node_update_statuses, publish_release, publish_root, upload_artifact
+from ._releases import ReleaseDesk, ReleaseError, artifact_address
 from ._serve import DB_FILE, NetworkSettings, open_store, running_network, serve_network
 from ._settings import CoordinatorSettings
 from ._sqlite import SQLiteStore
@@ -94,17 +97,27 @@ __all__ = [
     "ReceiptError",
     "ReceiptOutcome",
     "ReceiptRecord",
+    "ReleaseDesk",
+    "ReleaseError",
+    "ReleaseRoutes",
     "SQLiteStore",
     "SnapshotRecord",
     "Store",
     "StoreTx",
     "UnknownJobError",
     "UnknownNodeError",
+    "artifact_address",
+    "attach_releases",
     "decimalize",
     "hash_secret",
     "job_cost",
     "n_choices",
+    "node_update_statuses",
     "open_store",
+    "publish_release",
+    "publish_root",
+    "release_routes",
     "running_network",
     "serve_network",
+    "upload_artifact",
 ]
