@@ -36,7 +36,7 @@ from resultity_core import (
 
 from ._errors import NetworkError
 
-__all__ = ["MAX_ARTIFACT_BYTES", "ReleaseDesk", "artifact_address"]
+__all__ = ["MAX_ARTIFACT_BYTES", "ReleaseDesk", "ReleaseError", "artifact_address"]
 
 MAX_ARTIFACT_BYTES = 64 << 20
 _ADDRESS = re.compile(r"sha256:[0-9a-f]{64}")
