@@ -12,7 +12,7 @@ from ._cmd_network import (
     read_service_token,
     run_server,
     setup_logging,
-    wait_for_signal,
+    termination_signals,
 )
 from ._common import CLIError
 
@@ -73,9 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot reach the network at {args.network}: {exc} (start "
                            "`resultity network serve` first, or pass --network)") from None
         async with running_cloud(settings) as (server, _app):
-            print(f"resultity cloud listening on http://{args.host}:{server.port}/v1 "
-                  f"(network {args.network})", flush=True)
-            return await wait_for_signal()
+            with termination_signals() as wait:
+                print(f"resultity cloud listening on http://{args.host}:{server.port}/v1 "
+                      f"(network {args.network})", flush=True)
+                return await wait()
 
     name = run_server(main, args.host, args.port, "cloud")
     print(f"resultity cloud stopped ({name})", file=sys.stderr)

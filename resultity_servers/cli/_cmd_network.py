@@ -7,6 +7,7 @@ logging, running a server until a signal, and operator calls to a running Networ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +31,7 @@ __all__ = [
     "register",
     "run_server",
     "setup_logging",
-    "wait_for_signal",
+    "termination_signals",
 ]
 
 _T = TypeVar("_T")
@@ -146,14 +147,23 @@ def run_server(main: Callable[[], Awaitable[_T]], host: str, port: int, what: st
         raise
 
 
-async def wait_for_signal() -> str:
-    """Wait for SIGINT or SIGTERM; return its name."""
+@contextlib.contextmanager
+def termination_signals() -> Iterator[Callable[[], Awaitable[str]]]:
+    """Catch SIGINT and SIGTERM from now on; yield ``wait()`` that returns the signal's name.
+
+    Enter it before announcing readiness: a signal sent right after the announcement must
+    find the handler installed, or the process dies with the default action.
+    """
     import anyio
 
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            return signal.Signals(signum).name
-    return "EOF"  # pragma: no cover - the receiver never ends by itself
+
+        async def wait() -> str:
+            async for signum in signals:
+                return signal.Signals(signum).name
+            return "EOF"  # pragma: no cover - the receiver never ends by itself
+
+        yield wait
 
 
 def network_call(url: str, token: str,
@@ -263,9 +273,10 @@ def _serve(args: argparse.Namespace) -> int:
                 digest = app.coordinator.publish_config(snapshot, time.time())
                 print(f"published {args.publish}: {digest}", file=sys.stderr)
             where = "memory" if args.memory else str(data_dir / "network.db")
-            print(f"resultity network listening on http://{args.host}:{server.port} "
-                  f"(state: {where}; service token: {token_file})", flush=True)
-            return await wait_for_signal()
+            with termination_signals() as wait:
+                print(f"resultity network listening on http://{args.host}:{server.port} "
+                      f"(state: {where}; service token: {token_file})", flush=True)
+                return await wait()
 
     name = run_server(main, args.host, args.port, "network")
     print(f"resultity network stopped ({name})", file=sys.stderr)

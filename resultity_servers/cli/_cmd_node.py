@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
     from resultity_servers._http import HTTPClient, HTTPClientError
     from resultity_servers.node import NodeSettings, build_agent
 
-    from ._cmd_network import run_server, wait_for_signal
+    from ._cmd_network import run_server, termination_signals
 
     setup_logging(args.log_level)
     if args.max_jobs < 1:
@@ -121,24 +121,25 @@ def _serve(args: argparse.Namespace) -> int:
                 await probe.request("GET", "/network/v1/health")
         except HTTPClientError as exc:
             raise CLIError(f"cannot reach the network at {args.network}: {exc}") from None
-        print(f"resultity node {agent.node_id[:12]} starting (network {args.network}, "
-              f"data {data_dir})", flush=True)
         name = "stopped"
         failed: list[ResultityError] = []
-        async with anyio.create_task_group() as tg:
-            async def run_agent() -> None:
-                try:
-                    await agent.run()
-                except ResultityError as exc:
-                    failed.append(exc)
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await agent.transport.aclose()
-                    tg.cancel_scope.cancel()
+        with termination_signals() as wait_for_signal:
+            print(f"resultity node {agent.node_id[:12]} starting (network {args.network}, "
+                  f"data {data_dir})", flush=True)
+            async with anyio.create_task_group() as tg:
+                async def run_agent() -> None:
+                    try:
+                        await agent.run()
+                    except ResultityError as exc:
+                        failed.append(exc)
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await agent.transport.aclose()
+                        tg.cancel_scope.cancel()
 
-            tg.start_soon(run_agent)
-            name = await wait_for_signal()
-            tg.cancel_scope.cancel()
+                tg.start_soon(run_agent)
+                name = await wait_for_signal()
+                tg.cancel_scope.cancel()
         if failed:
             raise failed[0]
         return name
