@@ -1,4 +1,4 @@
-"""``resultity release build|sign|publish|publish-root``: ship new versions to the nodes."""
+"""``resultity release build|sign|publish|publish-root|nodes``: ship new versions to nodes."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def _digest(path: Path) -> tuple[str, int]:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``release build|sign|publish|publish-root`` to the CLI."""
+    """Add ``release build|sign|publish|publish-root|nodes`` to the CLI."""
     from ._cmd_network import add_network_client_args
 
     parser = subparsers.add_parser("release", help="build, sign and publish node updates",
@@ -147,6 +147,13 @@ def register(subparsers: Any) -> None:
     root.add_argument("root", metavar="TRUST", help="the new root (signed by old and new keys)")
     add_network_client_args(root)
     root.set_defaults(handler=_publish_root)
+
+    nodes = sub.add_parser("nodes", help="show each node's version and last update outcome",
+                           description="List what each node last reported: the release "
+                           "version it runs and the outcome of its last update (or why it "
+                           "refused one).")
+    add_network_client_args(nodes)
+    nodes.set_defaults(handler=_nodes)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -236,4 +243,15 @@ def _publish_root(args: argparse.Namespace) -> int:
 
     version = _admin_run(args, call)
     print(f"published trust root v{version}")
+    return 0
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    from resultity_servers.network._release_admin import node_update_statuses
+
+    rows = _admin_run(args, node_update_statuses)
+    if not rows:
+        print("no node has reported an update status yet")
+    for row in rows:
+        print(f"{str(row['node_id'])[:12]}  {row['version']}  {row['update_status']}")
     return 0

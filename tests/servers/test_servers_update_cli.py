@@ -105,6 +105,10 @@ def test_sign_checks_the_threshold_and_publish_uploads(
     assert routes is not None
     assert routes.desk.release is not None
     assert routes.desk.release.version == 2
+    routes.statuses["a" * 64] = {"version": "9.0.0", "update_status": "running release v2"}
+    status, out, _ = _run(["release", "nodes", *net], capsys)
+    assert status == 0
+    assert out.strip() == "aaaaaaaaaaaa  9.0.0  running release v2"
 
 
 def test_publish_root_rotates_the_networks_root(
