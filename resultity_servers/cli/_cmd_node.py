@@ -93,7 +93,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     from resultity_core import ResultityError
     from resultity_servers._http import HTTPClient, HTTPClientError
-    from resultity_servers.node import NodeSettings, build_agent
+    from resultity_servers.node import (
+        RESTART_EXIT_CODE,
+        AgentRestartRequired,
+        NodeSettings,
+        build_agent,
+    )
 
     from ._cmd_network import run_server, termination_signals
 
@@ -141,6 +146,9 @@ def _serve(args: argparse.Namespace) -> int:
                 name = await wait_for_signal()
                 tg.cancel_scope.cancel()
         if failed:
+            if isinstance(failed[0], AgentRestartRequired):
+                # a supervisor (container restart policy, systemd) restarts us on the new release
+                raise CLIError(str(failed[0]), status=RESTART_EXIT_CODE)
             raise failed[0]
         return name
 

@@ -215,3 +215,29 @@ def test_the_demo_package_imports_without_torch() -> None:
 
     assert int(result.stdout) == len(demo.__all__)
     assert all(hasattr(demo, name) for name in demo.__all__)
+
+
+def test_node_serve_exits_with_the_restart_status_after_an_agent_update(
+        network: tuple[BlockingPortal, Coordinator, str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # a supervisor restarts the node on status 75 (deploy/node-entrypoint.sh); 1 means failure
+    import resultity_servers.node as node_pkg
+
+    _portal, _coordinator, url, _token = network
+
+    class _Transport:
+        async def aclose(self) -> None:
+            return None
+
+    class _Agent:
+        node_id = "f" * 64
+        transport = _Transport()
+
+        async def run(self) -> None:
+            raise node_pkg.AgentRestartRequired("release 0.2.0 installed; restart to run it")
+
+    monkeypatch.setattr(node_pkg, "build_agent", lambda settings: _Agent())
+    status = main(["node", "serve", "--network", url, "--data-dir", str(tmp_path / "n"),
+                   "--log-level", "error"])
+    assert status == node_pkg.RESTART_EXIT_CODE == 75
+    assert "restart to run it" in capsys.readouterr().err
