@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import anyio
 
@@ -38,8 +37,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = NodeSettings(
-        # absolute: the Runtime child process works in its own directory
-        args.network, Path(args.data_dir).absolute(), trust_root_digest=args.trust_root_digest,
+        args.network, args.data_dir, trust_root_digest=args.trust_root_digest,
         max_concurrent_jobs=args.max_jobs, device=args.device,
     )
     try:

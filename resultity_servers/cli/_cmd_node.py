@@ -83,11 +83,6 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _path(value: str | None) -> Path | None:
-    # absolute: the Runtime child works in its own directory
-    return Path(value).absolute() if value is not None else None
-
-
 def _serve(args: argparse.Namespace) -> int:
     import anyio
 
@@ -107,18 +102,19 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError("--max-jobs must be at least 1")
     if args.threads < 0:
         raise CLIError("--threads must not be negative")
-    data_dir = (Path(args.data_dir) if args.data_dir else data_home("node")).absolute()
     settings = NodeSettings(
-        args.network, data_dir, key_path=_path(args.key), grant_path=_path(args.grant),
-        trust_root_path=_path(args.trust_root), trust_root_digest=args.trust_root_digest,
-        models_dir=_path(args.models_dir), max_concurrent_jobs=args.max_jobs,
+        args.network, args.data_dir or data_home("node"), key_path=args.key,
+        grant_path=args.grant, trust_root_path=args.trust_root,
+        trust_root_digest=args.trust_root_digest, models_dir=args.models_dir,
+        max_concurrent_jobs=args.max_jobs,
         device=args.device, runtime_threads=args.threads,
         network_namespace=not args.no_network_namespace,
     )
     try:
         agent = build_agent(settings)
     except OSError as exc:
-        raise CLIError(f"node data directory {data_dir}: {exc.strerror or exc}") from None
+        raise CLIError(f"node data directory {settings.data_dir}: "
+                       f"{exc.strerror or exc}") from None
 
     async def main() -> str:
         try:
@@ -130,7 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
         failed: list[ResultityError] = []
         with termination_signals() as wait_for_signal:
             print(f"resultity node {agent.node_id[:12]} starting (network {args.network}, "
-                  f"data {data_dir})", flush=True)
+                  f"data {settings.data_dir})", flush=True)
             async with anyio.create_task_group() as tg:
                 async def run_agent() -> None:
                     try:

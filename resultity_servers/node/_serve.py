@@ -49,9 +49,20 @@ __all__ = ["NodeSettings", "build_agent", "log_progress", "prepare_node_dir", "s
 log = logging.getLogger("resultity.node")
 
 
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    # the Runtime child runs in its own working directory, so a relative path would not reach it
+    return Path(path).absolute()
+
+
+def _absolute_or_none(path: str | os.PathLike[str] | None) -> Path | None:
+    return None if path is None else _absolute(path)
+
+
 @attrs.frozen
 class NodeSettings:
     """Where a node keeps its files and how it runs (paths default into ``data_dir``).
+
+    Paths are made absolute on construction (relative to the current directory then).
 
     ``trust_root_digest`` pins the first trust root (``sha256:...``); without it the root file
     is trusted on first use. ``runtime_command`` replaces the Runtime child's command line
@@ -64,12 +75,12 @@ class NodeSettings:
     """
 
     network_url: str
-    data_dir: Path = attrs.field(converter=Path)
-    key_path: Path | None = None
-    grant_path: Path | None = None
-    trust_root_path: Path | None = None
+    data_dir: Path = attrs.field(converter=_absolute)
+    key_path: Path | None = attrs.field(default=None, converter=_absolute_or_none)
+    grant_path: Path | None = attrs.field(default=None, converter=_absolute_or_none)
+    trust_root_path: Path | None = attrs.field(default=None, converter=_absolute_or_none)
     trust_root_digest: str | None = None
-    models_dir: Path | None = None
+    models_dir: Path | None = attrs.field(default=None, converter=_absolute_or_none)
     max_concurrent_jobs: int = 4
     device: str = "cpu"
     lease_wait_ms: int = 20_000
@@ -86,7 +97,7 @@ class NodeSettings:
 
     def path(self, given: Path | None, default: str) -> Path:
         """Return ``given`` or ``data_dir / default``."""
-        return Path(given) if given is not None else self.data_dir / default
+        return given if given is not None else self.data_dir / default
 
 
 def log_progress() -> Progress:

@@ -136,6 +136,19 @@ def test_prepare_node_dir_writes_what_build_agent_reads(tmp_path: Path) -> None:
     assert json.loads((data / "trust-state.json").read_text())["node_id"] == key.keyid
 
 
+def test_node_settings_make_relative_paths_absolute(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the Runtime child runs in its own working directory: no path may stay relative
+    monkeypatch.chdir(tmp_path)
+    settings = NodeSettings("http://127.0.0.1:9", "node", key_path="keys/node.key",
+                            models_dir="models")
+    assert settings.data_dir == tmp_path / "node"
+    assert settings.key_path == tmp_path / "keys" / "node.key"
+    assert settings.models_dir == tmp_path / "models"
+    assert settings.grant_path is None
+    assert settings.path(settings.grant_path, "grant.json") == tmp_path / "node" / "grant.json"
+
+
 def test_build_agent_refuses_a_grant_for_another_key(tmp_path: Path) -> None:
     key, other, account, root_key = (generate_key() for _ in range(4))
     root = make_root(version=1, expires_at=2**40, role_keys={
