@@ -19,7 +19,7 @@ so no client library's overhead is counted.
 
     python benchmarks/serving.py [--duration 30] [--clients 64] [--requests 40]
         [--max-tokens 8] [--threads 1] [--rps-seconds 5] [--rps-clients 32]
-        [--skip ttft,load,rps]
+        [--skip ttft,load,rps] [--settle 0] [--breakdown N]
 
 uvicorn is not a dependency (``pip install uvicorn`` or the ``bench`` extra); without it the
 comparison is skipped with a message.
@@ -291,14 +291,24 @@ def engine_ttft(engine: Any, max_tokens: int) -> float:
 
 async def measure_ttft(stack: Stack, engine: Any, requests: int, max_tokens: int
                        ) -> dict[str, float]:
+    pids = stack.processes()
     conn = await RawConnection.open(stack.port)
     try:
         for _ in range(3):  # warm-up: auth cache, model list, connections, prefix cache
             await stream_chat(conn, stack.api_key, max_tokens)
             engine_ttft(engine, max_tokens)
-        stack_s, engine_s = [], []
+        # The servers' background CPU (heartbeats, ticker) per second, to subtract below.
+        idle0, start = {k: cpu_seconds(p) for k, p in pids.items()}, time.perf_counter()
+        await anyio.sleep(2.0)
+        idle = {k: (cpu_seconds(p) - idle0[k]) / (time.perf_counter() - start)
+                for k, p in pids.items()}
+        stack_s, engine_s, cpu = [], [], dict.fromkeys(pids, 0.0)
         for _ in range(requests):  # alternate, so both see the same background load
+            before, start = {k: cpu_seconds(p) for k, p in pids.items()}, time.perf_counter()
             stack_s.append((await stream_chat(conn, stack.api_key, max_tokens))["ttft"])
+            wall = time.perf_counter() - start
+            for k, p in pids.items():
+                cpu[k] += cpu_seconds(p) - before[k] - idle[k] * wall
             engine_s.append(engine_ttft(engine, max_tokens))
             await anyio.sleep(0.02)
     finally:
@@ -309,6 +319,8 @@ async def measure_ttft(stack: Stack, engine: Any, requests: int, max_tokens: int
         "engine_ms": 1000 * statistics.median(engine_s),
         "added_ms": 1000 * (statistics.median(stack_s) - statistics.median(engine_s)),
         "paired_ms": 1000 * statistics.median(diffs),
+        "stack_min_ms": 1000 * min(stack_s), "engine_min_ms": 1000 * min(engine_s),
+        "cpu_ms": {k: 1000 * v / requests for k, v in cpu.items()},
     }
 
 
@@ -363,6 +375,103 @@ async def measure_load(stack: Stack, clients: int, duration: float, max_tokens: 
         "ttft_p50_ms": 1000 * _pct(ttft, 0.5), "ttft_p99_ms": 1000 * _pct(ttft, 0.99),
         "rss_before": before, "rss_after": after, "cpu": cpu,
     }
+
+
+# --- where the time goes: one request's timeline (``--breakdown``) ----------------------------
+#
+# Runs the demo in this process (``running_demo``; the Runtime is still a child process) and
+# wraps a few internal methods to timestamp each step of a request. The names are internals:
+# a hook whose target is gone is skipped, so the breakdown degrades instead of failing.
+
+# (module, class, method, label, truthy): a truthy hook marks when a call returns something
+# (a lease, events), the others when the call starts.
+_HOOKS = [
+    ("resultity_servers.cloud._app", "CloudApp", "chat", "cloud: handler starts", False),
+    ("resultity_servers.cloud._http_network", "HTTPNetworkClient", "submit",
+     "cloud: submit sent", False),
+    ("resultity_servers.network._app", "NetworkApp", "submit", "network: submit handler",
+     False),
+    ("resultity_servers.network._jobs", "JobDesk", "lease", "network: job leased", True),
+    ("resultity_servers.node._transport", "HTTPNetworkTransport", "lease",
+     "node: lease answer read", True),
+    ("resultity_servers.node._supervisor", "RuntimeSupervisor", "_send_job",
+     "node: job written to the Runtime", False),
+    ("resultity_servers.node._outbox", "Outbox", "put", "node: first token from the Runtime",
+     False),
+    ("resultity_servers.network._app", "NetworkApp", "events_in", "network: events posted",
+     False),
+    ("resultity_servers.network._jobs", "JobDesk", "job_events",
+     "network: token sent to the cloud", True),
+    ("resultity_servers.cloud._jobs", "JobRun", "next", "cloud: token read", True),
+]
+
+
+def _install_hooks(marks: list[tuple[str, float]]) -> None:
+    import importlib
+    import inspect
+
+    for module_name, cls_name, meth, label, truthy in _HOOKS:
+        cls = getattr(importlib.import_module(module_name), cls_name, None)
+        orig = getattr(cls, meth, None)
+        if orig is None:
+            continue
+
+        def hook(orig: Any = orig, label: str = label, truthy: bool = truthy) -> Any:
+            if inspect.iscoroutinefunction(orig):
+                async def timed(*a: Any, **k: Any) -> Any:
+                    start = time.perf_counter()
+                    result = await orig(*a, **k)
+                    if not truthy:
+                        marks.append((label, start))
+                    elif getattr(result, "leases", getattr(result, "events", result)):
+                        marks.append((label, time.perf_counter()))
+                    return result
+                return timed
+
+            def timed_sync(*a: Any, **k: Any) -> Any:
+                start = time.perf_counter()
+                result = orig(*a, **k)
+                if not truthy:
+                    marks.append((label, start))
+                elif getattr(result, "leases", getattr(result, "events", result)):
+                    marks.append((label, time.perf_counter()))
+                return result
+            return timed_sync
+
+        setattr(cls, meth, hook())
+
+
+async def breakdown(requests: int, max_tokens: int, threads: int, data_dir: Path) -> None:
+    from resultity_servers.demo import DemoOptions, running_demo
+
+    marks: list[tuple[str, float]] = []
+    _install_hooks(marks)
+    options = DemoOptions(data_dir=data_dir, port=0, preset="tiny", runtime_threads=threads)
+    async with running_demo(options, log=lambda message: None) as demo:
+        await demo.wait_ready(300)
+        conn = await RawConnection.open(int(demo.cloud_url.rsplit(":", 1)[1]))
+        rows: dict[str, list[float]] = {}
+        for i in range(requests + 3):
+            marks.clear()
+            start = time.perf_counter()
+            result = await stream_chat(conn, demo.api_key, max_tokens)
+            marks.append(("client: first token", start + result["ttft"]))
+            if i < 3:
+                continue  # warm-up
+            seen: set[str] = set()
+            for label, at in sorted(marks, key=lambda m: m[1]):
+                if label not in seen:  # the first time each step happened
+                    seen.add(label)
+                    rows.setdefault(label, []).append(1000 * (at - start))
+            await anyio.sleep(0.05)
+        await conn.aclose()
+    print(f"one request's timeline, in-process demo, median (min) of {requests}, ms from the "
+          f"client's send; load average {load_average()}")
+    previous = 0.0
+    for label, values in sorted(rows.items(), key=lambda kv: statistics.median(kv[1])):
+        median = statistics.median(values)
+        print(f"  {median:7.2f} ({min(values):6.2f})  +{median - previous:5.2f}  {label}")
+        previous = median
 
 
 # --- GET /v1/models requests/s -----------------------------------------------------------------
@@ -466,10 +575,32 @@ def _row(name: str, value: str, target: str = "") -> None:
     print(f"| {name:<58} | {value:>22} | {target:<26} |")
 
 
+def _print_load(r: dict[str, Any], clients: int) -> None:
+    label = f"{clients} streaming clients, {r['elapsed']:.0f} s"
+    _row(f"{label}: requests (errors)", f"{r['requests']} ({len(r['errors'])})",
+         "zero errors: " + ("met" if not r["errors"] else "NOT met"))
+    _row(f"{label}: completion tokens/s", f"{r['tokens_per_s']:.1f}")
+    _row(f"{label}: requests/s", f"{r['requests_per_s']:.2f}")
+    _row(f"{label}: latency p50 / p99", f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} ms")
+    _row(f"{label}: TTFT p50 / p99", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} ms")
+    for proc, before in r["rss_before"].items():
+        after = r["rss_after"].get(proc, float("nan"))
+        per_k = 1000 * (after - before) / max(1, r["requests"])
+        _row(f"RSS {proc} before / after (MiB)", f"{before:.1f} / {after:.1f}",
+             f"{after - before:+.1f} MiB ({per_k:+.1f}/1k req)")
+    for proc, cpu in r["cpu"].items():
+        _row(f"CPU {proc} during load (cores)", f"{cpu / r['elapsed']:.2f}")
+    for err in sorted(set(r["errors"]))[:5]:
+        print(f"  error: {err}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=30.0, help="load test seconds (30)")
     parser.add_argument("--clients", type=int, default=64, help="concurrent streams (64)")
+    parser.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                        help="after the load test, wait this long and run it again (memory "
+                        "check past the Network's 120 s event retention; 0: off)")
     parser.add_argument("--requests", type=int, default=40, help="TTFT samples (40)")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per request (8)")
     parser.add_argument("--rps-seconds", type=float, default=5.0)
@@ -479,6 +610,9 @@ def main() -> int:
                         "steadier on a shared machine)")
     parser.add_argument("--skip", default="", help="comma list of ttft, load, rps")
     parser.add_argument("--data-dir", default=None, help="demo data directory (default: temp)")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="N",
+                        help="instead: print the median timeline of N requests through an "
+                        "in-process demo")
     parser.add_argument("--serve", choices=["resultity", "uvicorn"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve == "resultity":
@@ -488,6 +622,11 @@ def main() -> int:
         serve_uvicorn()
         return 0
     skip = set(filter(None, args.skip.split(",")))
+    if args.breakdown:
+        with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
+            anyio.run(breakdown, args.breakdown, args.max_tokens, args.threads,
+                      Path(args.data_dir or tmp))
+        return 0
     print(f"serving benchmark, tiny model, {args.threads} torch thread(s), {os.cpu_count()} "
           f"CPUs, load average {load_average()}")
     print(f"| {'measure':<58} | {'value':>22} | {'target':<26} |")
@@ -510,26 +649,28 @@ def main() -> int:
                          f"<= 5 ms: {ok}")
                     _row("added TTFT (median of paired differences)",
                          f"{t['paired_ms']:.2f} ms")
+                    _row("added TTFT (difference of minimums)",
+                         f"{t['stack_min_ms'] - t['engine_min_ms']:.2f} ms")
+                    for proc, ms in t["cpu_ms"].items():
+                        _row(f"CPU {proc} per request ({args.max_tokens} tokens)",
+                             f"{ms:.2f} ms")
                 if "load" not in skip:
                     r = anyio.run(measure_load, stack, args.clients, args.duration,
                                   args.max_tokens)
-                    label = f"{args.clients} streaming clients, {r['elapsed']:.0f} s"
-                    _row(f"{label}: requests (errors)", f"{r['requests']} ({len(r['errors'])})",
-                         "zero errors: " + ("met" if not r["errors"] else "NOT met"))
-                    _row(f"{label}: completion tokens/s", f"{r['tokens_per_s']:.1f}")
-                    _row(f"{label}: requests/s", f"{r['requests_per_s']:.2f}")
-                    _row(f"{label}: latency p50 / p99",
-                         f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} ms")
-                    _row(f"{label}: TTFT p50 / p99",
-                         f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} ms")
-                    for proc, before in r["rss_before"].items():
-                        after = r["rss_after"].get(proc, float("nan"))
-                        _row(f"RSS {proc} before / after (MiB)",
-                             f"{before:.1f} / {after:.1f}", f"flat: {after - before:+.1f} MiB")
-                    for proc, cpu in r["cpu"].items():
-                        _row(f"CPU {proc} during load (cores)", f"{cpu / r['elapsed']:.2f}")
-                    for err in sorted(set(r["errors"]))[:5]:
-                        print(f"  error: {err}")
+                    _print_load(r, args.clients)
+                    if args.settle:
+                        # The Network keeps finished jobs' events in memory for a while
+                        # (event_retention_s): run again once they are gone; flat memory
+                        # means the second run reuses what the first one freed.
+                        time.sleep(args.settle)
+                        again = anyio.run(measure_load, stack, args.clients, args.duration,
+                                          args.max_tokens)
+                        print(f"again after {args.settle:g} s idle:")
+                        _print_load(again, args.clients)
+                        for proc, first in r["rss_after"].items():
+                            second = again["rss_after"].get(proc, float("nan"))
+                            _row(f"RSS {proc} after 1st / 2nd run (MiB)",
+                                 f"{first:.1f} / {second:.1f}", f"{second - first:+.1f} MiB")
                 if "rps" not in skip:
                     auth = f"authorization: Bearer {stack.api_key}\r\n"
                     c = anyio.run(functools.partial(
