@@ -36,7 +36,7 @@ from ._errors import AdmissionError, NodeAuthError
 from ._receipts import ReceiptDesk
 from ._records import GrantRecord, NodeRecord
 from ._settings import CoordinatorSettings
-from ._store import Store
+from ._store import Store, StoreTx
 
 __all__ = ["HeartbeatReply", "NodeDesk", "NodeSession", "hash_secret"]
 
@@ -220,29 +220,34 @@ class NodeDesk(ReceiptDesk):
                     session_hash=None,
                 ))
                 self._forget_sessions(node_id)
-        if expired:
+            else:
+                state = self._record_heartbeat(tx, node, beat, current, now)
+        if expired:  # raised after the block, so the shutdown above is committed
             raise NodeAuthError("the node's grant has expired (register with a new grant)")
-        with self._store.transaction() as tx:
-            node = self._live_node(tx, node_id)
-            state = apply_node_action(node.state, NodeAction.HEARTBEAT)
-            if beat.status == "draining" and state != NodeState.DRAINING:
-                state = apply_node_action(state, NodeAction.DRAIN)
-            elif beat.status != "draining" and state == NodeState.DRAINING:
-                state = apply_node_action(state, NodeAction.RESUME)
-            synced = current is not None and beat.config_hash == current
-            if state == NodeState.SYNCING and synced and beat.status == "ready":
-                state = apply_node_action(state, NodeAction.CONFIG_APPLIED)
-            elif state == NodeState.READY and (not synced or beat.status == "syncing"):
-                state = apply_node_action(state, NodeAction.CONFIG_CHANGED)
-            tx.put_node(attrs.evolve(
-                node, state=state, last_heartbeat=now, config_hash=beat.config_hash,
-                active_jobs=beat.active_jobs, free_slots=beat.free_slots,
-            ))
-            if state != NodeState.READY:
-                self._unassign_queued(tx, node_id)
-            self._dispatch(tx)
         cancel = tuple(sorted(self._pending_cancels.pop(node_id, set())))
         return HeartbeatReply(state, current, cancel)
+
+    def _record_heartbeat(
+        self, tx: StoreTx, node: NodeRecord, beat: Heartbeat, current: str | None, now: float
+    ) -> NodeState:
+        state = apply_node_action(node.state, NodeAction.HEARTBEAT)
+        if beat.status == "draining" and state != NodeState.DRAINING:
+            state = apply_node_action(state, NodeAction.DRAIN)
+        elif beat.status != "draining" and state == NodeState.DRAINING:
+            state = apply_node_action(state, NodeAction.RESUME)
+        synced = current is not None and beat.config_hash == current
+        if state == NodeState.SYNCING and synced and beat.status == "ready":
+            state = apply_node_action(state, NodeAction.CONFIG_APPLIED)
+        elif state == NodeState.READY and (not synced or beat.status == "syncing"):
+            state = apply_node_action(state, NodeAction.CONFIG_CHANGED)
+        tx.put_node(attrs.evolve(
+            node, state=state, last_heartbeat=now, config_hash=beat.config_hash,
+            active_jobs=beat.active_jobs, free_slots=beat.free_slots,
+        ))
+        if state != NodeState.READY:
+            self._unassign_queued(tx, node.node_id)
+        self._dispatch(tx)
+        return state
 
     def list_nodes(self) -> list[NodeRecord]:
         """Return every node record."""
