@@ -177,6 +177,10 @@ def verify_envelope(
     for a role name not in ROLES.
     """
     check_payload_type(envelope, expected_type)
+    return _verify_role(root, envelope, role, f"{expected_type} by root v{root.version}")
+
+
+def _verify_role(root: TrustRoot, envelope: Envelope, role: str, context: str) -> tuple[str, ...]:
     r = root.role(role)
     return verify_signatures(
         envelope,
@@ -184,18 +188,6 @@ def verify_envelope(
         role_keyids=r.keyids,
         threshold=r.threshold,
         role=role,
-        context=f"{expected_type} by root v{root.version}",
-    )
-
-
-def _self_verify(root: TrustRoot, envelope: Envelope, context: str) -> None:
-    r = root.role("root")
-    verify_signatures(
-        envelope,
-        keys=root.keys,
-        role_keyids=r.keyids,
-        threshold=r.threshold,
-        role="root",
         context=context,
     )
 
@@ -216,7 +208,7 @@ def load_trusted_root(
             f"trust root digest {envelope.digest()} is not the pinned {pinned_digest}"
         )
     root = TrustRoot.from_payload(envelope.signed)
-    _self_verify(root, envelope, f"root v{root.version} by its own root role")
+    _verify_role(root, envelope, "root", f"root v{root.version} by its own root role")
     if root.is_expired(now):
         raise ExpiredError(f"trust root v{root.version} expired at {root.expires_at} (now {now})")
     return root
@@ -232,21 +224,14 @@ def rotate_root(current: TrustRoot, envelope: Envelope, now: int) -> TrustRoot:
     """
     check_payload_type(envelope, ROOT_TYPE)
     new = TrustRoot.from_payload(envelope.signed)
-    old_role = current.role("root")
-    verify_signatures(
-        envelope,
-        keys=current.keys,
-        role_keyids=old_role.keyids,
-        threshold=old_role.threshold,
-        role="root",
-        context=f"root v{new.version} by the root keys of v{current.version}",
-    )
+    _verify_role(current, envelope, "root",
+                 f"root v{new.version} by the root keys of v{current.version}")
     if new.version != current.version + 1:
         raise RootVersionError(
             f"root v{new.version} cannot follow v{current.version}: "
             f"versions must be consecutive (expected v{current.version + 1})"
         )
-    _self_verify(new, envelope, f"root v{new.version} by its own root keys")
+    _verify_role(new, envelope, "root", f"root v{new.version} by its own root keys")
     if new.is_expired(now):
         raise ExpiredError(f"trust root v{new.version} expired at {new.expires_at} (now {now})")
     return new
