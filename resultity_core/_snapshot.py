@@ -21,7 +21,6 @@ import attrs
 
 from ._envelope import Envelope
 from ._errors import (
-    ExpiredError,
     HashMismatchError,
     PayloadFormatError,
     ReplayError,
@@ -61,11 +60,6 @@ def as_envelope(value: EnvelopeInput) -> Envelope:
     return Envelope.from_payload(dict(value))
 
 
-def _check_root(root: TrustRoot, now: int) -> None:
-    if root.is_expired(now):
-        raise ExpiredError(f"trust root v{root.version} expired at {root.expires_at} (now {now})")
-
-
 def _check_hash(what: str, env: Envelope, expected_hash: str | None) -> str:
     digest = env.digest()
     if expected_hash is not None and digest != expected_hash:
@@ -103,7 +97,7 @@ def check_node_config(
     FutureDatedError or RollbackError, checked in the order of the module docstring.
     """
     env = as_envelope(envelope)
-    _check_root(root, now)
+    root.check_unexpired(now)
     digest = _check_hash("node-config", env, expected_hash)
     verify_envelope(env, root, "config", expected_type=NodeConfig.TYPE)
     config = NodeConfig.from_payload(env.signed)
@@ -125,7 +119,7 @@ def check_release(
 ) -> tuple[Release, str]:
     """Return ``(release, digest)``: the config rules, applied to the ``release`` role."""
     env = as_envelope(envelope)
-    _check_root(root, now)
+    root.check_unexpired(now)
     digest = _check_hash("release", env, expected_hash)
     verify_envelope(env, root, "release", expected_type=Release.TYPE)
     release = Release.from_payload(env.signed)
@@ -146,7 +140,7 @@ def check_command(
     PayloadFormatError, WrongNodeError or FutureDatedError.
     """
     env = as_envelope(envelope)
-    _check_root(root, now)
+    root.check_unexpired(now)
     verify_envelope(env, root, "network", expected_type=Command.TYPE)
     command = Command.from_payload(env.signed)
     if command.node_id != node_id:

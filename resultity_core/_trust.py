@@ -84,6 +84,13 @@ class TrustRoot:
         """Return True when ``now`` is at or after ``expires_at``."""
         return now >= self.expires_at
 
+    def check_unexpired(self, now: int) -> None:
+        """Return None while the root is in force; raises ExpiredError at or after expiry."""
+        if self.is_expired(now):
+            raise ExpiredError(
+                f"trust root v{self.version} expired at {self.expires_at} (now {now})"
+            )
+
     def digest(self) -> str:
         """Return ``sha256:<hex>`` of the canonical payload (what a node may pin)."""
         return canonical_digest(self.to_payload())
@@ -209,8 +216,7 @@ def load_trusted_root(
         )
     root = TrustRoot.from_payload(envelope.signed)
     _verify_role(root, envelope, "root", f"root v{root.version} by its own root role")
-    if root.is_expired(now):
-        raise ExpiredError(f"trust root v{root.version} expired at {root.expires_at} (now {now})")
+    root.check_unexpired(now)
     return root
 
 
@@ -232,6 +238,5 @@ def rotate_root(current: TrustRoot, envelope: Envelope, now: int) -> TrustRoot:
             f"versions must be consecutive (expected v{current.version + 1})"
         )
     _verify_role(new, envelope, "root", f"root v{new.version} by its own root keys")
-    if new.is_expired(now):
-        raise ExpiredError(f"trust root v{new.version} expired at {new.expires_at} (now {now})")
+    new.check_unexpired(now)
     return new
