@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -80,6 +80,33 @@ def _check_version(
         )
 
 
+_Versioned = TypeVar("_Versioned", NodeConfig, Release)
+
+
+def _check_versioned(
+    kind: type[_Versioned],
+    role: str,
+    envelope: EnvelopeInput,
+    root: TrustRoot,
+    now: int,
+    *,
+    expected_hash: str | None,
+    applied_version: int | None,
+    applied_hash: str | None,
+    skew: int,
+) -> tuple[_Versioned, str]:
+    # the rules shared by node configs and releases, in the order of the module docstring
+    what = kind.TYPE
+    env = as_envelope(envelope)
+    root.check_unexpired(now)
+    digest = _check_hash(what, env, expected_hash)
+    verify_envelope(env, root, role, expected_type=what)
+    item = kind.from_payload(env.signed)
+    check_time_window(f"{what} v{item.version}", item.issued_at, item.expires_at, now, skew)
+    _check_version(what, item.version, digest, applied_version, applied_hash)
+    return item, digest
+
+
 def check_node_config(
     envelope: EnvelopeInput,
     root: TrustRoot,
@@ -96,15 +123,10 @@ def check_node_config(
     WrongPayloadTypeError, a SignatureVerificationError, PayloadFormatError,
     FutureDatedError or RollbackError, checked in the order of the module docstring.
     """
-    env = as_envelope(envelope)
-    root.check_unexpired(now)
-    digest = _check_hash("node-config", env, expected_hash)
-    verify_envelope(env, root, "config", expected_type=NodeConfig.TYPE)
-    config = NodeConfig.from_payload(env.signed)
-    check_time_window(f"node-config v{config.version}", config.issued_at, config.expires_at,
-                      now, skew)
-    _check_version("node-config", config.version, digest, applied_version, applied_hash)
-    return config, digest
+    return _check_versioned(
+        NodeConfig, "config", envelope, root, now, expected_hash=expected_hash,
+        applied_version=applied_version, applied_hash=applied_hash, skew=skew,
+    )
 
 
 def check_release(
@@ -118,15 +140,10 @@ def check_release(
     skew: int = DEFAULT_SKEW,
 ) -> tuple[Release, str]:
     """Return ``(release, digest)``: the config rules, applied to the ``release`` role."""
-    env = as_envelope(envelope)
-    root.check_unexpired(now)
-    digest = _check_hash("release", env, expected_hash)
-    verify_envelope(env, root, "release", expected_type=Release.TYPE)
-    release = Release.from_payload(env.signed)
-    check_time_window(f"release v{release.version}", release.issued_at, release.expires_at,
-                      now, skew)
-    _check_version("release", release.version, digest, applied_version, applied_hash)
-    return release, digest
+    return _check_versioned(
+        Release, "release", envelope, root, now, expected_hash=expected_hash,
+        applied_version=applied_version, applied_hash=applied_hash, skew=skew,
+    )
 
 
 def check_command(
