@@ -13,10 +13,10 @@ from resultity_core import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    NoCapacityError,
     OpenAIRequestError,
     invalid_request,
     model_not_found,
-    no_capacity,
     parse_chat_request,
     parse_completion_request,
 )
@@ -32,7 +32,14 @@ from resultity_servers._http import (
 from ._auth import AuthCache
 from ._jobs import JobRun, job_request, reservation
 from ._metrics import CloudMetrics
-from ._network import Account, JobSubmission, ModelInfo, NetworkClient, NetworkStatus
+from ._network import (
+    Account,
+    JobSubmission,
+    ModelInfo,
+    NetworkClient,
+    NetworkStatus,
+    network_unavailable,
+)
 from ._responses import (
     ChatShape,
     ClosingStream,
@@ -67,12 +74,6 @@ def _route_label(path: str) -> str:
 
 def _error(exc: OpenAIRequestError) -> Response:
     return Response.json(exc.to_error_body(), status=exc.status)
-
-
-def _network_down(exc: HTTPClientError) -> OpenAIRequestError:
-    error = no_capacity()
-    error.message = f"The network is unavailable right now; retry later. ({exc})"
-    return error
 
 
 def _json_body(request: Request) -> object:
@@ -163,7 +164,7 @@ class CloudApp:
             except OpenAIRequestError as exc:
                 return _error(exc)
             except HTTPClientError as exc:
-                return _error(_network_down(exc))
+                return _error(network_unavailable(str(exc)))
 
         return guarded
 
@@ -258,11 +259,11 @@ class CloudApp:
         try:
             status = await self._status()
         except TimeoutError:
-            raise _network_down(HTTPClientError("timed out", "network status")) from None
+            raise network_unavailable("timed out (network status)") from None
         if status.nodes_ready <= 0:
-            error = no_capacity()
-            error.message = "No node is ready to serve; the cloud cannot answer requests yet."
-            raise error
+            raise NoCapacityError(
+                "No node is ready to serve; the cloud cannot answer requests yet."
+            )
         return Response.json({"status": "ok"})
 
     async def metrics_text(self, request: Request) -> Reply:

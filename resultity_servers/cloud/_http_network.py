@@ -54,6 +54,7 @@ from ._network import (
     NetworkStatus,
     TokenEvent,
     TokenLogprob,
+    network_unavailable,
 )
 
 __all__ = ["ROUTES", "HTTPNetworkClient", "error_from_response", "event_from_payload"]
@@ -80,12 +81,6 @@ _BY_STATUS: Mapping[int, type[OpenAIRequestError]] = {
 }
 
 
-def _unavailable(detail: str) -> NoCapacityError:
-    error = no_capacity()
-    error.message = f"The network is unavailable right now; retry later. ({detail})"
-    return error
-
-
 def error_from_response(status: int, body: bytes) -> OpenAIRequestError:
     """Return the user-facing error for a Network error response.
 
@@ -102,7 +97,7 @@ def error_from_response(status: int, body: bytes) -> OpenAIRequestError:
     except (UnicodeDecodeError, ValueError):
         pass
     if cls is None:
-        return _unavailable(f"network answered HTTP {status}")
+        return network_unavailable(f"network answered HTTP {status}")
     code = detail.get("code")
     if isinstance(code, str) and code in ERROR_KINDS and ERROR_KINDS[code].status == status:
         cls = ERROR_KINDS[code]
@@ -197,11 +192,8 @@ def _stream_error(detail: object) -> OpenAIRequestError:
         message = detail.get("message")
         code = detail.get("code") if isinstance(detail.get("code"), str) else None
         if code in _RETRYABLE_CODES:
-            error = no_capacity()
-            if isinstance(message, str):
-                error.message = message
-            error.code = code
-            return error
+            text = message if isinstance(message, str) else no_capacity().message
+            return NoCapacityError(text, code=code)
         return InternalServerError(
             f"The job failed: {message}" if isinstance(message, str) else None,
             code=code,
@@ -225,7 +217,7 @@ class HTTPNetworkClient:
                 return await self.http.request(method, path)
             return await self.http.request(method, path, json=payload)
         except HTTPClientError as exc:
-            raise _unavailable(str(exc)) from exc
+            raise network_unavailable(str(exc)) from exc
 
     @staticmethod
     def _json(response: ClientResponse) -> Any:
@@ -234,7 +226,7 @@ class HTTPNetworkClient:
         try:
             return response.json()
         except ValueError:
-            raise _unavailable("network sent invalid JSON") from None
+            raise network_unavailable("network sent invalid JSON") from None
 
     async def authenticate(self, api_key: str) -> Account | None:
         """Return the key's account, None for an unknown key."""
@@ -244,14 +236,14 @@ class HTTPNetworkClient:
             # "unknown API key" apart from "this Cloud is not allowed in".
             if _error_code(response.body) == "invalid_api_key":
                 return None
-            raise _unavailable(f"the network refused this cloud (HTTP {response.status})")
+            raise network_unavailable(f"the network refused this cloud (HTTP {response.status})")
         body = self._json(response)
         if isinstance(body, dict) and body.get("account_id") is None:
             return None
         try:
             return Account(str(body["account_id"]), str(body.get("name") or ""))
         except (KeyError, TypeError):
-            raise _unavailable("network sent a malformed account") from None
+            raise network_unavailable("network sent a malformed account") from None
 
     async def list_models(self) -> list[ModelInfo]:
         """Return the Network's models."""
@@ -259,7 +251,7 @@ class HTTPNetworkClient:
         try:
             return [_model_info(m) for m in body["data"]]
         except (KeyError, TypeError, ValueError):
-            raise _unavailable("network sent a malformed model list") from None
+            raise network_unavailable("network sent a malformed model list") from None
 
     async def status(self) -> NetworkStatus:
         """Return node counts and queue depth."""
@@ -272,7 +264,7 @@ class HTTPNetworkClient:
                 int(body.get("jobs_in_flight", 0)),
             )
         except (KeyError, TypeError, ValueError):
-            raise _unavailable("network sent a malformed status") from None
+            raise network_unavailable("network sent a malformed status") from None
 
     async def submit(self, account: Account, job: JobSubmission) -> JobHandle:
         """Queue the job; raises the Network's 400/402/404/503 as OpenAI errors."""
@@ -289,7 +281,7 @@ class HTTPNetworkClient:
         body = self._json(await self._call("POST", ROUTES["submit"], payload))
         job_id = body.get("job_id") if isinstance(body, dict) else None
         if not isinstance(job_id, str) or not job_id:
-            raise _unavailable("network sent no job id")
+            raise network_unavailable("network sent no job id")
         return JobHandle(job_id, job.model)
 
     async def events(self, job: JobHandle) -> AsyncIterator[JobEvent]:
@@ -299,7 +291,9 @@ class HTTPNetworkClient:
             async with self.http.stream("GET", path, timeout_s=None) as response:
                 if response.status != 200:
                     await response.aread()
-                    raise _unavailable(f"network answered HTTP {response.status} for the events")
+                    raise network_unavailable(
+                        f"network answered HTTP {response.status} for the events"
+                    )
                 async for sse in response.aiter_sse():
                     if sse.data == "[DONE]":
                         return
@@ -308,19 +302,19 @@ class HTTPNetworkClient:
                     except ValueError:
                         payload = None
                     if not isinstance(payload, dict):
-                        raise _unavailable("network sent a malformed event")
+                        raise network_unavailable("network sent a malformed event")
                     if sse.event == "error" or ("error" in payload and "_type" not in payload):
                         yield ErrorEvent(_stream_error(payload.get("error")))
                         return
                     try:
                         event = event_from_payload(payload)
                     except WireMessageError as exc:
-                        raise _unavailable(f"network sent a bad event: {exc}") from None
+                        raise network_unavailable(f"network sent a bad event: {exc}") from None
                     yield event
                     if isinstance(event, ErrorEvent):
                         return
         except HTTPClientError as exc:
-            raise _unavailable(str(exc)) from exc
+            raise network_unavailable(str(exc)) from exc
 
     async def cancel(self, job: JobHandle) -> None:
         """Ask the Network to abort the job (a 404 for a finished job is fine)."""

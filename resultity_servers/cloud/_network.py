@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from resultity_core import OpenAIRequestError, Price
+from resultity_core import NoCapacityError, OpenAIRequestError, Price
 
 __all__ = [
     "Account",
@@ -27,6 +27,7 @@ __all__ = [
     "NetworkStatus",
     "TokenEvent",
     "TokenLogprob",
+    "network_unavailable",
 ]
 
 
@@ -131,6 +132,12 @@ class ErrorEvent:
 
 
 JobEvent = TokenEvent | DoneEvent | ErrorEvent
+
+
+def network_unavailable(detail: str) -> NoCapacityError:
+    """Return the 503 for a Network that could not be reached or answered nonsense;
+    ``detail`` says what happened. The user may retry."""
+    return NoCapacityError(f"The network is unavailable right now; retry later. ({detail})")
 
 
 @runtime_checkable
