@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from resultity_core import (
     DONE,
@@ -72,30 +72,27 @@ def _chat_logprobs(items: tuple[TokenLogprob, ...] | None) -> tuple[ChatTokenLog
     )
 
 
-class ChatShape:
-    """``chat.completion`` objects and ``chat.completion.chunk`` stream chunks."""
+_Builder = TypeVar("_Builder", ChatResponseBuilder, CompletionResponseBuilder)
 
-    def __init__(self, request: ChatCompletionRequest, created: int | None = None) -> None:
-        self.choices = request.n
-        self.logprobs = request.logprobs
-        self.builder = ChatResponseBuilder(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()) if created is None else created,
-            model=request.model,
-            n=request.n,
-        )
+
+def _finish_reason(event: DoneEvent) -> Literal["stop", "length"]:
+    # a reason OpenAI does not define for these endpoints is reported as "stop"
+    return "length" if event.finish_reason == "length" else "stop"
+
+
+class _BuilderShape(Generic[_Builder]):
+    """What both shapes do alike: forward to the core builder, count finished choices."""
+
+    builder: _Builder
+
+    def __init__(self, builder: _Builder, choices: int, logprobs: bool) -> None:
+        self.builder = builder
+        self.choices = choices
+        self.logprobs = logprobs
         self._done = 0
 
-    def start(self) -> list[dict[str, Any]]:
-        return [self.builder.start().to_dict()]
-
-    def token(self, event: TokenEvent) -> dict[str, Any]:
-        lps = _chat_logprobs(event.logprobs) if self.logprobs else ()
-        return self.builder.add(event.index, event.text, lps).to_dict()
-
     def finish(self, event: DoneEvent) -> dict[str, Any]:
-        reason = event.finish_reason if event.finish_reason in ("stop", "length") else "stop"
-        chunk = self.builder.finish(event.index, reason)  # type: ignore[arg-type]
+        chunk = self.builder.finish(event.index, _finish_reason(event))
         self._done += 1
         return chunk.to_dict()
 
@@ -109,23 +106,42 @@ class ChatShape:
         return self.builder.completion(usage, logprobs=self.logprobs).to_dict()
 
 
-class CompletionShape:
+class ChatShape(_BuilderShape[ChatResponseBuilder]):
+    """``chat.completion`` objects and ``chat.completion.chunk`` stream chunks."""
+
+    def __init__(self, request: ChatCompletionRequest, created: int | None = None) -> None:
+        builder = ChatResponseBuilder(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()) if created is None else created,
+            model=request.model,
+            n=request.n,
+        )
+        super().__init__(builder, request.n, request.logprobs)
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self.builder.start().to_dict()]
+
+    def token(self, event: TokenEvent) -> dict[str, Any]:
+        lps = _chat_logprobs(event.logprobs) if self.logprobs else ()
+        return self.builder.add(event.index, event.text, lps).to_dict()
+
+
+class CompletionShape(_BuilderShape[CompletionResponseBuilder]):
     """``text_completion`` objects and stream chunks; choice ``i`` answers prompt ``i // n``.
 
     ``text_offset`` counts characters from the start of the choice's prompt, as OpenAI does.
     """
 
     def __init__(self, request: CompletionRequest, created: int | None = None) -> None:
-        self.choices = request.n * len(request.prompt)
-        self.logprobs = request.logprobs is not None
-        self.builder = CompletionResponseBuilder(
+        choices = request.n * len(request.prompt)
+        builder = CompletionResponseBuilder(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()) if created is None else created,
             model=request.model,
-            n=self.choices,
+            n=choices,
         )
-        self._offsets = [len(request.prompt[i // request.n]) for i in range(self.choices)]
-        self._done = 0
+        super().__init__(builder, choices, request.logprobs is not None)
+        self._offsets = [len(request.prompt[i // request.n]) for i in range(choices)]
 
     def start(self) -> list[dict[str, Any]]:
         return []
@@ -144,21 +160,6 @@ class CompletionShape:
                 text_offset=tuple(offsets),
             )
         return self.builder.add(event.index, event.text, lps).to_dict()
-
-    def finish(self, event: DoneEvent) -> dict[str, Any]:
-        reason = event.finish_reason if event.finish_reason in ("stop", "length") else "stop"
-        chunk = self.builder.finish(event.index, reason)  # type: ignore[arg-type]
-        self._done += 1
-        return chunk.to_dict()
-
-    def finished(self) -> int:
-        return self._done
-
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        return self.builder.usage_chunk(usage).to_dict()
-
-    def final(self, usage: Usage) -> dict[str, Any]:
-        return self.builder.completion(usage, logprobs=self.logprobs).to_dict()
 
 
 def _ended_early(shape: Shape) -> InternalServerError:
