@@ -45,6 +45,7 @@ from ._responses import (
     ClosingStream,
     CompletionShape,
     Shape,
+    error_response,
     full_response,
     stream_response,
 )
@@ -70,10 +71,6 @@ def _route_label(path: str) -> str:
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
     return "other"
-
-
-def _error(exc: OpenAIRequestError) -> Response:
-    return Response.json(exc.to_error_body(), status=exc.status)
 
 
 def _json_body(request: Request) -> object:
@@ -162,9 +159,9 @@ class CloudApp:
             try:
                 return await handler(request)
             except OpenAIRequestError as exc:
-                return _error(exc)
+                return error_response(exc)
             except HTTPClientError as exc:
-                return _error(network_unavailable(str(exc)))
+                return error_response(network_unavailable(str(exc)))
 
         return guarded
 

@@ -40,6 +40,7 @@ __all__ = [
     "ClosingStream",
     "CompletionShape",
     "Shape",
+    "error_response",
     "full_response",
     "stream_response",
 ]
@@ -168,7 +169,8 @@ def _ended_early(shape: Shape) -> InternalServerError:
     )
 
 
-def _error_response(error: OpenAIRequestError) -> Response:
+def error_response(error: OpenAIRequestError) -> Response:
+    """Return the JSON error response of ``error``: its status and OpenAI error body."""
     return Response.json(error.to_error_body(), status=error.status)
 
 
@@ -199,7 +201,7 @@ async def full_response(run: JobRun, shape: Shape) -> Response:
         await run.finish()
         return Response.json(shape.final(Usage.of(*run.usage())))
     except OpenAIRequestError as exc:
-        return _error_response(exc)
+        return error_response(exc)
     finally:
         await run.abort()
 
@@ -216,9 +218,9 @@ async def stream_response(
     try:
         first = await run.next()
         if isinstance(first, ErrorEvent):
-            return _error_response(first.error)
+            return error_response(first.error)
         if first is None:
-            return _error_response(_ended_early(shape))
+            return error_response(_ended_early(shape))
         handed_over = True
         return StreamingResponse.sse(
             ClosingStream(_events(run, shape, first, include_usage), run.abort)
