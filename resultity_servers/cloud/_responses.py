@@ -47,16 +47,37 @@ __all__ = [
 
 
 class Shape(Protocol):
-    """What the response drivers need from an endpoint."""
+    """What the response drivers need from an endpoint; ``choices`` is how many it answers.
+
+    Every method returns JSON-ready dicts; the core builders raise ``InternalServerError``
+    for a choice index out of range or text after a choice finished.
+    """
 
     choices: int
 
-    def start(self) -> list[dict[str, Any]]: ...
-    def token(self, event: TokenEvent) -> dict[str, Any]: ...
-    def finish(self, event: DoneEvent) -> dict[str, Any]: ...
-    def finished(self) -> int: ...
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]: ...
-    def final(self, usage: Usage) -> dict[str, Any]: ...
+    def start(self) -> list[dict[str, Any]]:
+        """Return the chunks that open a stream (chat: the ``role`` chunk; completions: none)."""
+        ...
+
+    def token(self, event: TokenEvent) -> dict[str, Any]:
+        """Return the stream chunk of new text (and logprobs) for ``event.index``."""
+        ...
+
+    def finish(self, event: DoneEvent) -> dict[str, Any]:
+        """Return the chunk ending choice ``event.index`` with its ``finish_reason``."""
+        ...
+
+    def finished(self) -> int:
+        """Return how many choices have finished."""
+        ...
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """Return the final usage-only chunk of a stream with ``include_usage``."""
+        ...
+
+    def final(self, usage: Usage) -> dict[str, Any]:
+        """Return the non-streamed response object; raises before every choice finished."""
+        ...
 
 
 def _chat_logprobs(items: tuple[TokenLogprob, ...] | None) -> tuple[ChatTokenLogprob, ...]:
