@@ -201,6 +201,10 @@ class JobDesk(DeskBase):
                     break
                 stream.next_seq += 1
                 self._apply_event(tx, job, event, stream, now)
+            if any(event.kind != "token" for event in events):
+                # A job may have ended and freed a slot: hand queued work to it now (waking
+                # the node's lease poll) rather than at the next submit or tick.
+                self._dispatch(tx)
         if error is not None:
             raise error
         return tuple(sorted(cancel))
