@@ -12,7 +12,7 @@ from typing import Any
 
 from ._errors import PayloadFormatError
 
-__all__ = ["Fields", "check_window", "join_path"]
+__all__ = ["Fields", "join_path"]
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -120,14 +120,17 @@ class Fields:
             )
         return [(f"{self.where(key)}[{i}]", item) for i, item in enumerate(value)]
 
+    def window(self) -> tuple[int, int]:
+        """Return ``(issued_at, expires_at)``; raises PayloadFormatError (naming the field) for
+        a bad integer or an ``expires_at`` not later than ``issued_at``."""
+        issued_at = self.integer("issued_at")
+        expires_at = self.integer("expires_at")
+        if expires_at <= issued_at:
+            raise PayloadFormatError(self.where("expires_at"), "must be later than issued_at")
+        return issued_at, expires_at
+
     def done(self) -> None:
         """Refuse any field that was not read (strict formats)."""
         extra = sorted(set(self.obj) - self._seen)
         if extra:
             raise PayloadFormatError(self.where(extra[0]), "unknown field")
-
-
-def check_window(f: Fields, issued_at: int, expires_at: int) -> None:
-    """Refuse ``expires_at`` not later than ``issued_at`` (names ``expires_at``)."""
-    if expires_at <= issued_at:
-        raise PayloadFormatError(f.where("expires_at"), "must be later than issued_at")

@@ -25,7 +25,7 @@ import attrs
 
 from ._canonical import canonical_bytes, canonical_digest
 from ._errors import CanonicalEncodingError, PayloadFormatError
-from ._fields import Fields, check_window
+from ._fields import Fields
 
 __all__ = [
     "BACKENDS",
@@ -280,9 +280,7 @@ class NodeConfig:
         f = Fields(obj)
         f.type_tag(cls.TYPE)
         version = f.integer("version", minimum=1)
-        issued_at = f.integer("issued_at")
-        expires_at = f.integer("expires_at")
-        check_window(f, issued_at, expires_at)
+        issued_at, expires_at = f.window()
         items = f.items("models", max_len=256)
         models = tuple(ModelEntry.parse(Fields(item, path)) for path, item in items)
         unique([m.name for m in models], [p + ".name" for p, _ in items], "model")

@@ -20,7 +20,7 @@ import attrs
 
 from ._envelope import Envelope, check_payload_type, sign_envelope, verify_signatures
 from ._errors import ExpiredError, FutureDatedError, PayloadFormatError
-from ._fields import Fields, check_window
+from ._fields import Fields
 from ._formats import NAME, check_canonical
 from ._keys import PublicKey, SecretKey
 
@@ -87,9 +87,7 @@ class Command:
         f.type_tag(cls.TYPE)
         node_id = f.text("node_id", pattern=IDENT, max_len=128)
         nonce = f.text("nonce", pattern=NONCE, max_len=128)
-        issued_at = f.integer("issued_at")
-        expires_at = f.integer("expires_at")
-        check_window(f, issued_at, expires_at)
+        issued_at, expires_at = f.window()
         action = f.text("action", pattern=ACTION, max_len=64)
         args = f.sub("args").obj
         f.done()
@@ -134,9 +132,7 @@ class NodeGrant:
         public = PublicKey.from_hex(f.raw("node_public"), f.where("node_public"))
         if public.keyid != node_keyid:
             raise PayloadFormatError(f.where("node_keyid"), "is not the key id of node_public")
-        issued_at = f.integer("issued_at")
-        expires_at = f.integer("expires_at")
-        check_window(f, issued_at, expires_at)
+        issued_at, expires_at = f.window()
         f.done()
         return cls(account_id, public, issued_at, expires_at)
 

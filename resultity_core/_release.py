@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import attrs
 
-from ._fields import Fields, check_window
+from ._fields import Fields
 from ._formats import FILE_NAME, MAX_SIZE, VERSION, check_canonical, unique
 
 __all__ = ["Artifact", "Release"]
@@ -74,8 +74,6 @@ class Release:
         items = f.items("artifacts", min_len=1, max_len=256)
         artifacts = tuple(Artifact.parse(Fields(item, path)) for path, item in items)
         unique([a.name for a in artifacts], [p + ".name" for p, _ in items], "artifact")
-        issued_at = f.integer("issued_at")
-        expires_at = f.integer("expires_at")
-        check_window(f, issued_at, expires_at)
+        issued_at, expires_at = f.window()
         f.done()
         return cls(version, agent_version, runtime_version, artifacts, issued_at, expires_at)
