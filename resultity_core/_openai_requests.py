@@ -14,6 +14,8 @@ from typing import Any, Literal
 import attrs
 from attrs import field, frozen
 
+from ._errors import ResultityError
+
 __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
@@ -32,8 +34,12 @@ MAX_LOGPROBS_COMPLETION = 5
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
 
-class FieldError(ValueError):
-    """A value is invalid; ``path`` is relative to the object being built (``["stop", 0]``)."""
+class FieldError(ResultityError, ValueError):
+    """A value is invalid; ``path`` is relative to the object being built (``["stop", 0]``).
+
+    Raised by the request types' validators when a request is built in Python; the parsers
+    turn it into an ``InvalidRequestError``.
+    """
 
     def __init__(self, path: list[str | int], message: str, code: str = "invalid_value") -> None:
         self.path = path
