@@ -196,9 +196,13 @@ class TorchAttentionBackend:
         torch.index_select(v_cache.view(v_cache.shape[0], -1), 0, table, out=v_rows)
         k = k_rows.view(b, length, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
         v = v_rows.view(b, length, hkv, d).transpose(1, 2)
+        qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]: the G query heads of a KV head
+        if b == 1:  # one sequence: its context is the first max_seq_len slots, no mask
+            o = F.scaled_dot_product_attention(qg, k[:, :, :max_seq_len], v[:, :, :max_seq_len],
+                                               scale=scale)
+            return o.reshape(b, hq, d)
         # padded slots (tails of last blocks, table padding) hold finite stale values: masked
         mask = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
-        qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]: the G query heads of a KV head
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :],
                                            scale=scale)
         return o.reshape(b, hq, d)
