@@ -81,6 +81,16 @@ _BY_STATUS: Mapping[int, type[OpenAIRequestError]] = {
 }
 
 
+def _error_detail(body: bytes) -> dict[str, Any]:
+    """Return the ``error`` object of an OpenAI error body ({} when there is none)."""
+    try:
+        parsed = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
 def error_from_response(status: int, body: bytes) -> OpenAIRequestError:
     """Return the user-facing error for a Network error response.
 
@@ -89,15 +99,9 @@ def error_from_response(status: int, body: bytes) -> OpenAIRequestError:
     problem and becomes a 503.
     """
     cls = _BY_STATUS.get(status)
-    detail: dict[str, Any] = {}
-    try:
-        parsed = json.loads(body.decode("utf-8"))
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            detail = parsed["error"]
-    except (UnicodeDecodeError, ValueError):
-        pass
     if cls is None:
         return network_unavailable(f"network answered HTTP {status}")
+    detail = _error_detail(body)
     code = detail.get("code")
     if isinstance(code, str) and code in ERROR_KINDS and ERROR_KINDS[code].status == status:
         cls = ERROR_KINDS[code]
@@ -109,16 +113,6 @@ def error_from_response(status: int, body: bytes) -> OpenAIRequestError:
         code=code if isinstance(code, str) else None,
         status=status,
     )
-
-
-def _error_code(body: bytes) -> str | None:
-    try:
-        parsed = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    return code if isinstance(code, str) else None
 
 
 def _number(value: object) -> float:
@@ -234,7 +228,7 @@ class HTTPNetworkClient:
         if response.status in (401, 403):
             # The same statuses answer a wrong service token: only the error code tells
             # "unknown API key" apart from "this Cloud is not allowed in".
-            if _error_code(response.body) == "invalid_api_key":
+            if _error_detail(response.body).get("code") == "invalid_api_key":
                 return None
             raise network_unavailable(f"the network refused this cloud (HTTP {response.status})")
         body = self._json(response)
