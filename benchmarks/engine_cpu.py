@@ -1,17 +1,22 @@
 """Engine throughput and latency on CPU, on the ``small`` preset (about 100M parameters).
 
-Run: ``python benchmarks/engine_cpu.py [--model DIR] [--tokens 64] [--skip-hf] [--skip-bf16]``
+Run: ``python benchmarks/engine_cpu.py [--model DIR] [--tokens 64] [--threads N] [--clock cpu]
+[--dtypes float32,bfloat16] [--skip-hf]``
 
 The model directory is created with ``init_model_dir`` (preset small, seed 0) under
-``~/.cache/resultity/models/small-seed0`` unless it exists. Figures, in one run:
+``~/.cache/resultity/models/small-seed0`` unless it exists. Figures, per dtype, in one run:
 
 - decode tokens/s at batch 1, engine against transformers ``generate`` (greedy, same weights,
-  float32, use_cache=True). Both are measured the same way: (T(n tokens) - T(1 token)) /
-  (n - 1), so prefill and the first token are excluded;
-- aggregate tokens/s with 16 concurrent requests against 1 (wall clock, whole requests);
+  use_cache=True) in the same dtype, and every engine dtype against transformers float32 (the
+  checkpoint's dtype, transformers' default). Both are measured the same way: (T(n tokens) -
+  T(1 token)) / (n - 1), so prefill and the first token are excluded;
+- aggregate tokens/s with 1, 16 and 64 concurrent requests (whole requests), 16 against 1;
 - time to first token of a 512-token prompt (engine.generate with max_tokens=1);
 - peak RSS (VmHWM from /proc/self/status, reset between phases through
   /proc/self/clear_refs) while serving 1, 16 and 64 concurrent requests.
+
+Each figure is printed with the 1-minute load average at the time it was taken: on a shared
+machine use ``--threads 1 --clock cpu`` (process CPU time, best of ``--runs``).
 """
 
 from __future__ import annotations
@@ -84,10 +89,11 @@ def bench_engine_decode(engine: Engine, prompt: list[int], n: int, runs: int) ->
     return (n - 1) / (tn - t1)
 
 
-def bench_hf_decode(model_dir: Path, prompt: list[int], n: int, runs: int) -> float:
+def bench_hf_decode(model_dir: Path, prompt: list[int], n: int, runs: int,
+                    dtype: torch.dtype) -> float:
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()  # type: ignore[no-untyped-call]
     ids = torch.tensor([prompt])
     eos = model.config.eos_token_id
 
@@ -140,23 +146,30 @@ def bench_ttft(engine: Engine, length: int, runs: int) -> float:
     return statistics.median(times)
 
 
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
 def measure_engine(
     model: Path, dtype: str, tokens: int, prompt_len: int, runs: int
-) -> tuple[dict[str, float], list[int]]:
+) -> tuple[dict[str, tuple[float, str]], list[int]]:
+    """Returns ({measure: (value, load average when taken)}, the prompt's token ids)."""
     t0 = _now()
     # the step budget (512 tokens) bounds activation memory whatever the number of requests
     engine = Engine.from_pretrained(model, device="cpu", dtype=dtype, kv_cache_bytes=256 << 20,
                                     max_num_seqs=64, max_num_batched_tokens=512)
-    res = {"load_s": _now() - t0, "kv_mib": engine.kv_cache.nbytes / 2**20}
+    res = {"load_s": (_now() - t0, _load()), "kv_mib": (engine.kv_cache.nbytes / 2**20, "")}
     prompt = _prompt_ids(engine, prompt_len)
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))  # warm up
+    res["decode"] = (bench_engine_decode(engine, prompt, tokens, runs), _load())
     for count in (1, 16, 64):
-        res[f"agg{count}"], res[f"rss{count}"] = bench_concurrent(
-            engine, prompt, count, tokens, runs if count < 64 else 1
-        )
-    res["ttft"] = bench_ttft(engine, 512, runs)
-    res["decode"] = bench_engine_decode(engine, prompt, tokens, runs)
+        agg, rss = bench_concurrent(engine, prompt, count, tokens, runs if count < 64 else 1)
+        res[f"agg{count}"], res[f"rss{count}"] = (agg, _load()), (rss / 1024, "")
+    res["ttft"] = (bench_ttft(engine, 512, runs) * 1e3, _load())
     return res, prompt
+
+
+_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def main() -> int:
@@ -165,13 +178,17 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="comma-separated engine dtypes (float32, bfloat16)")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--skip-bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: time with process CPU time (robust on a loaded machine, exact "
                          "with --threads 1; 'tok/s' then means tokens per CPU-second)")
     args = ap.parse_args()
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in _SHORT for d in dtypes):
+        ap.error("--dtypes: use float32 and/or bfloat16")
     if args.threads:
         torch.set_num_threads(args.threads)
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -187,45 +204,44 @@ def main() -> int:
     if not _reset_peak_rss():
         print("# /proc/self/clear_refs not writable: peak RSS is cumulative")
 
-    fp32, prompt = measure_engine(args.model, "float32", args.tokens, args.prompt_len, args.runs)
-    rows: list[tuple[str, str]] = [
-        ("engine load (s)", f"{fp32['load_s']:.2f}"),
-        ("KV pool (MiB, allocated once)", f"{fp32['kv_mib']:.0f}"),
-        ("engine fp32 decode tok/s, batch 1", f"{fp32['decode']:.1f}"),
-    ]
-    if not args.skip_hf:
-        hf = bench_hf_decode(args.model, prompt, args.tokens, args.runs)
-        rows += [("transformers fp32 generate decode tok/s, batch 1", f"{hf:.1f}"),
-                 ("engine fp32 / transformers (target >= 2x)", f"{fp32['decode'] / hf:.2f}x")]
-    rows += [
-        ("engine fp32 aggregate tok/s, 1 request", f"{fp32['agg1']:.1f}"),
-        ("engine fp32 aggregate tok/s, 16 concurrent", f"{fp32['agg16']:.1f}"),
-        ("engine fp32 16 vs 1 (target >= 8x)", f"{fp32['agg16'] / fp32['agg1']:.2f}x"),
-        ("engine fp32 aggregate tok/s, 64 concurrent", f"{fp32['agg64']:.1f}"),
-        ("engine fp32 time to first token, 512-token prompt (ms)", f"{fp32['ttft'] * 1e3:.0f}"),
-        ("peak RSS, 1 request (MiB)", f"{fp32['rss1'] / 1024:.0f}"),
-        ("peak RSS, 16 requests (MiB)", f"{fp32['rss16'] / 1024:.0f}"),
-        ("peak RSS, 64 requests (MiB)", f"{fp32['rss64'] / 1024:.0f}"),
-    ]
-    if not args.skip_bf16:
-        bf, _ = measure_engine(args.model, "bfloat16", args.tokens, args.prompt_len, args.runs)
-        rows += [("engine bf16 decode tok/s, batch 1", f"{bf['decode']:.1f}")]
+    rows: list[tuple[str, str, str]] = []
+    hf: dict[str, float] = {}
+    prompt: list[int] = []
+    for dtype in dtypes:
+        short = _SHORT[dtype]
+        res, prompt = measure_engine(args.model, dtype, args.tokens, args.prompt_len, args.runs)
+        dec, dec_load = res["decode"]
+        rows += [(f"engine {short} load (s)", f"{res['load_s'][0]:.2f}", res["load_s"][1]),
+                 (f"engine {short} decode tok/s, batch 1", f"{dec:.1f}", dec_load)]
         if not args.skip_hf:
-            rows += [("engine bf16 / transformers fp32", f"{bf['decode'] / hf:.2f}x")]
+            hf[dtype] = bench_hf_decode(args.model, prompt, args.tokens, args.runs,
+                                        getattr(torch, dtype))
+            rows += [(f"transformers {short} generate decode tok/s, batch 1",
+                      f"{hf[dtype]:.1f}", _load()),
+                     (f"engine {short} / transformers {short}"
+                      + (" (target >= 2x)" if dtype == "float32" else ""),
+                      f"{dec / hf[dtype]:.2f}x", "")]
+            if "float32" in hf and dtype != "float32":
+                rows += [(f"engine {short} / transformers fp32 (target >= 2x)",
+                          f"{dec / hf['float32']:.2f}x", "")]
+        agg1, agg16, agg64 = res["agg1"], res["agg16"], res["agg64"]
         rows += [
-            ("engine bf16 aggregate tok/s, 1 request", f"{bf['agg1']:.1f}"),
-            ("engine bf16 aggregate tok/s, 16 concurrent", f"{bf['agg16']:.1f}"),
-            ("engine bf16 16 vs 1", f"{bf['agg16'] / bf['agg1']:.2f}x"),
-            ("engine bf16 aggregate tok/s, 64 concurrent", f"{bf['agg64']:.1f}"),
-            ("engine bf16 time to first token, 512-token prompt (ms)", f"{bf['ttft'] * 1e3:.0f}"),
+            (f"engine {short} aggregate tok/s, 1 request", f"{agg1[0]:.1f}", agg1[1]),
+            (f"engine {short} aggregate tok/s, 16 concurrent", f"{agg16[0]:.1f}", agg16[1]),
+            (f"engine {short} 16 vs 1 (target >= 8x)", f"{agg16[0] / agg1[0]:.2f}x", ""),
+            (f"engine {short} aggregate tok/s, 64 concurrent", f"{agg64[0]:.1f}", agg64[1]),
+            (f"engine {short} time to first token, 512-token prompt (ms)",
+             f"{res['ttft'][0]:.0f}", res["ttft"][1]),
+            (f"engine {short} peak RSS, 1 / 16 / 64 requests (MiB)",
+             " / ".join(f"{res[f'rss{c}'][0]:.0f}" for c in (1, 16, 64)), ""),
         ]
-    width = max(len(k) for k, _ in rows)
+    width = max(len(k) for k, _, _ in rows)
     print(f"# model {args.model}, prompt {args.prompt_len} tokens, "
           f"{args.tokens} generated per request, greedy, clock {args.clock}")
-    print(f"| {'measure'.ljust(width)} | value |")
-    print(f"|{'-' * (width + 2)}|-------|")
-    for k, v in rows:
-        print(f"| {k.ljust(width)} | {v} |")
+    print(f"| {'measure'.ljust(width)} | value | loadavg |")
+    print(f"|{'-' * (width + 2)}|-------|---------|")
+    for k, v, lo in rows:
+        print(f"| {k.ljust(width)} | {v} | {lo} |")
     load = Path("/proc/loadavg").read_text().split()[:3]
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     print(f"# loadavg after {' '.join(load)}; this process used {cpu:.0f} CPU-s in {wall:.0f} s "
