@@ -135,16 +135,18 @@ class DecoderLayer(nn.Module):
     ) -> Tensor:  # [N, H]
         # sin comes sign-folded (``_signed_sin``). x is updated in place (the residual stream
         # belongs to the forward pass): fewer ops and allocations per layer
+        # Submodules are called through .forward: no hooks are used, and nn.Module.__call__
+        # costs more than the small ops of a decode step
         n, hq, hkv, d = x.shape[0], self.hq, self.hkv, self.d
-        qkv = self.qkv_proj(self.input_layernorm(x))  # [N, (Hq + 2 Hkv) * D]
+        qkv = self.qkv_proj.forward(self.input_layernorm.forward(x))  # [N, (Hq + 2Hkv) * D]
         qk = _rotate_signed(qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
         v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
         o = backend.forward(qk[:, :hq], qk[:, hq:], v, kv_cache[0], kv_cache[1], meta,
                             self.scale)  # [N, Hq, D]
-        x.add_(self.o_proj(o.reshape(n, hq * d)))
-        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))
+        x.add_(self.o_proj.forward(o.reshape(n, hq * d)))
+        gate_up = self.gate_up_proj.forward(self.post_attention_layernorm.forward(x))
         gate = F.silu(gate_up[:, : self.inter])
-        return x.add_(self.down_proj(gate.mul_(gate_up[:, self.inter :])))
+        return x.add_(self.down_proj.forward(gate.mul_(gate_up[:, self.inter :])))
 
 
 class LlamaForCausalLM(nn.Module):
