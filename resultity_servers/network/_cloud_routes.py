@@ -148,6 +148,11 @@ class CloudRoutes:
                 if scope.cancelled_caught:
                     yield encode_comment("keep-alive")
         finally:
+            # Drop this job's waiter (one per job, else it stays in the dict for good); set
+            # it so that another stream of the same job, if any, looks again and re-creates it.
+            event = self._job_waiters.pop(job_id, None)
+            if event is not None:
+                event.set()
             if not finished:
                 try:
                     self.coordinator.cancel_job(job_id, self.clock())
