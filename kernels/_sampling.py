@@ -27,7 +27,52 @@ __all__ = ["sample", "sample_ref", "sampling_probs_ref"]
 _MAX_ITERS = 64
 
 
-@lazy_jit
+def _bisect(
+    base, cmax_row, vocab, offs, lo, hi, target, mx, c,
+    BLOCK: tl.constexpr, MAX_ITERS: tl.constexpr, BY_MASS: tl.constexpr,
+):
+    # Largest v in [lo, hi] with F(v) >= target, F(v) the count of tokens x >= v (or, BY_MASS,
+    # their unnormalised probability mass exp2((x - mx) * c)). Invariants F(lo) >= target >
+    # F(hi); stops once [lo, hi) holds a single distinct value, so ties move together.
+    inf = float("inf")
+    vmin = tl.full([], 0.0, tl.float32)  # typed: loop-carried values keep one type
+    vmax = tl.full([], 1.0, tl.float32)
+    it = tl.full([], 0, tl.int32)
+    while (vmax > vmin) & (it < MAX_ITERS):
+        mid = lo + (hi - lo) * 0.5
+        f = tl.zeros([BLOCK], tl.float32 if BY_MASS else tl.int32)
+        min1 = tl.full([BLOCK], inf, tl.float32)
+        max1 = tl.full([BLOCK], -inf, tl.float32)
+        min2 = tl.full([BLOCK], inf, tl.float32)
+        max2 = tl.full([BLOCK], -inf, tl.float32)
+        for start in range(0, vocab, BLOCK):
+            if tl.load(cmax_row + start // BLOCK) >= lo:
+                idx = start + offs
+                x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
+                up = x >= mid
+                if BY_MASS:
+                    f += tl.where(up, tl.exp2((x - mx) * c), 0.0)
+                else:
+                    f += up.to(tl.int32)
+                in1 = (x >= lo) & (x < mid)
+                in2 = up & (x < hi)
+                min1 = tl.minimum(min1, tl.where(in1, x, inf))
+                max1 = tl.maximum(max1, tl.where(in1, x, -inf))
+                min2 = tl.minimum(min2, tl.where(in2, x, inf))
+                max2 = tl.maximum(max2, tl.where(in2, x, -inf))
+        if tl.sum(f, 0) >= target:
+            lo = mid
+            vmin = tl.min(min2, 0)
+            vmax = tl.max(max2, 0)
+        else:
+            hi = mid
+            vmin = tl.min(min1, 0)
+            vmax = tl.max(max1, 0)
+        it += 1
+    return lo
+
+
+@lazy_jit(helpers=(_bisect,))
 def _sample_kernel(
     logits_ptr, stride_row, vocab,
     temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr, out_ptr, thr_ptr,
@@ -67,42 +112,9 @@ def _sample_kernel(
         thr = mn
         top_k = tl.load(top_k_ptr + row)
         if (top_k > 0) & (top_k < vocab) & (cnt_max < top_k):
-            # largest value with count(x >= value) >= top_k; invariants F(lo) >= k > F(hi);
-            # stop once [lo, hi) holds a single distinct value
-            lo = mn
-            hi = mx
-            vmin = tl.full([], 0.0, tl.float32)  # typed: loop-carried values keep one type
-            vmax = tl.full([], 1.0, tl.float32)
-            it = tl.full([], 0, tl.int32)
-            while (vmax > vmin) & (it < MAX_ITERS):
-                mid = lo + (hi - lo) * 0.5
-                f = tl.zeros([BLOCK], tl.int32)
-                min1 = tl.full([BLOCK], inf, tl.float32)
-                max1 = tl.full([BLOCK], -inf, tl.float32)
-                min2 = tl.full([BLOCK], inf, tl.float32)
-                max2 = tl.full([BLOCK], -inf, tl.float32)
-                for start in range(0, vocab, BLOCK):
-                    if tl.load(cmax_row + start // BLOCK) >= lo:
-                        idx = start + offs
-                        x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
-                        up = x >= mid
-                        f += up.to(tl.int32)
-                        in1 = (x >= lo) & (x < mid)
-                        in2 = up & (x < hi)
-                        min1 = tl.minimum(min1, tl.where(in1, x, inf))
-                        max1 = tl.maximum(max1, tl.where(in1, x, -inf))
-                        min2 = tl.minimum(min2, tl.where(in2, x, inf))
-                        max2 = tl.maximum(max2, tl.where(in2, x, -inf))
-                if tl.sum(f, 0) >= top_k:
-                    lo = mid
-                    vmin = tl.min(min2, 0)
-                    vmax = tl.max(max2, 0)
-                else:
-                    hi = mid
-                    vmin = tl.min(min1, 0)
-                    vmax = tl.max(max1, 0)
-                it += 1
-            thr = lo
+            # largest value with count(x >= value) >= top_k
+            thr = _bisect(base, cmax_row, vocab, offs, mn, mx, top_k, mx, c,
+                          BLOCK=BLOCK, MAX_ITERS=MAX_ITERS, BY_MASS=False)
         elif (top_k > 0) & (top_k < vocab):
             thr = mx  # the tied maximum alone already holds k tokens
         top_p = tl.load(top_p_ptr + row)
@@ -117,40 +129,8 @@ def _sample_kernel(
             # the tied maximum has mass cnt_max (weight 1 each)
             if cnt_max.to(tl.float32) < target:
                 # keep x >= v iff the mass strictly above v is below top_p, i.e. F(v) >= target
-                lo = thr
-                hi = mx
-                vmin = tl.full([], 0.0, tl.float32)
-                vmax = tl.full([], 1.0, tl.float32)
-                it = tl.full([], 0, tl.int32)
-                while (vmax > vmin) & (it < MAX_ITERS):
-                    mid = lo + (hi - lo) * 0.5
-                    f = tl.zeros([BLOCK], tl.float32)
-                    min1 = tl.full([BLOCK], inf, tl.float32)
-                    max1 = tl.full([BLOCK], -inf, tl.float32)
-                    min2 = tl.full([BLOCK], inf, tl.float32)
-                    max2 = tl.full([BLOCK], -inf, tl.float32)
-                    for start in range(0, vocab, BLOCK):
-                        if tl.load(cmax_row + start // BLOCK) >= lo:
-                            idx = start + offs
-                            x = tl.load(base + idx, mask=idx < vocab, other=-inf).to(tl.float32)
-                            up = x >= mid
-                            f += tl.where(up, tl.exp2((x - mx) * c), 0.0)
-                            in1 = (x >= lo) & (x < mid)
-                            in2 = up & (x < hi)
-                            min1 = tl.minimum(min1, tl.where(in1, x, inf))
-                            max1 = tl.maximum(max1, tl.where(in1, x, -inf))
-                            min2 = tl.minimum(min2, tl.where(in2, x, inf))
-                            max2 = tl.maximum(max2, tl.where(in2, x, -inf))
-                    if tl.sum(f, 0) >= target:
-                        lo = mid
-                        vmin = tl.min(min2, 0)
-                        vmax = tl.max(max2, 0)
-                    else:
-                        hi = mid
-                        vmin = tl.min(min1, 0)
-                        vmax = tl.max(max1, 0)
-                    it += 1
-                thr = lo
+                thr = _bisect(base, cmax_row, vocab, offs, thr, mx, target, mx, c,
+                              BLOCK=BLOCK, MAX_ITERS=MAX_ITERS, BY_MASS=True)
             else:
                 thr = mx
         min_p = tl.load(min_p_ptr + row)

@@ -13,7 +13,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -66,16 +66,25 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-class _LazyKernel:
-    """A kernel function that becomes a ``triton.jit`` kernel on its first launch."""
+_JITTED_HELPERS: dict[tuple[Callable[..., Any], bool], Any] = {}
 
-    def __init__(self, fn: Callable[..., None]) -> None:
+
+class _LazyKernel:
+    """A kernel function that becomes a ``triton.jit`` kernel on its first launch.
+
+    ``helpers`` are plain functions the kernel calls; binding makes each a ``triton.jit``
+    device function under its own name in the kernel's module (Triton inlines them).
+    """
+
+    def __init__(self, fn: Callable[..., None], helpers: Sequence[Callable[..., Any]] = ()) -> None:
         self.fn = fn
+        self.helpers = tuple(helpers)
         self._jitted: Any = None
         self._interpret: bool | None = None
 
     def bind_triton(self) -> Any:
-        """Import triton, bind ``tl`` in the kernel's module, and return the triton module.
+        """Import triton, bind ``tl`` and the jitted helpers in the kernel's module, and return
+        the triton module.
 
         Raises KernelUnavailableError when triton cannot be imported.
         """
@@ -88,6 +97,14 @@ class _LazyKernel:
                 "use the *_ref PyTorch function instead"
             ) from exc
         self.fn.__globals__["tl"] = language
+        mode = interpreting()
+        for helper in self.helpers:
+            # one jitted object per helper and mode (triton.jit reads TRITON_INTERPRET when it
+            # decorates), so every kernel of a module sees the same global
+            key = (helper, mode)
+            if key not in _JITTED_HELPERS:
+                _JITTED_HELPERS[key] = triton.jit(helper)
+            self.fn.__globals__[helper.__name__] = _JITTED_HELPERS[key]
         return triton
 
     def _get(self) -> Any:
@@ -102,9 +119,25 @@ class _LazyKernel:
         return self._get()[grid]
 
 
-def lazy_jit(fn: Callable[..., None]) -> _LazyKernel:
-    """Declare a Triton kernel; it is compiled (or interpreted) on the first launch."""
-    return _LazyKernel(fn)
+@overload
+def lazy_jit(fn: Callable[..., None]) -> _LazyKernel: ...
+@overload
+def lazy_jit(
+    *, helpers: Sequence[Callable[..., Any]]
+) -> Callable[[Callable[..., None]], _LazyKernel]: ...
+
+
+def lazy_jit(
+    fn: Callable[..., None] | None = None, *, helpers: Sequence[Callable[..., Any]] = ()
+) -> _LazyKernel | Callable[[Callable[..., None]], _LazyKernel]:
+    """Declare a Triton kernel; it is compiled (or interpreted) on the first launch.
+
+    ``@lazy_jit`` returns the kernel; ``@lazy_jit(helpers=(f, ...))`` declares a kernel that
+    calls the plain functions ``f`` (jitted as device functions when it is bound).
+    """
+    if fn is None:
+        return lambda kernel: _LazyKernel(kernel, helpers)
+    return _LazyKernel(fn, helpers)
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
