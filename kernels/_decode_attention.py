@@ -21,7 +21,34 @@ _LOG2E = 1.4426950408889634
 _SM_COUNT: dict[int, int] = {}
 
 
-@lazy_jit
+def _attend_paged(
+    q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, start, end, qk_scale,
+    kvh, offs_n, offs_d, d_mask, stride_cb, stride_ct, stride_ch,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Online-softmax attention of q [R, BLOCK_D] over cached positions start..end-1 of one
+    # sequence (block table row bt_row, KV head kvh); returns the updated (m_i, l_i, acc).
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + offs_n
+        n_mask = pos < end
+        blk = tl.load(bt_row + pos // PAGE, mask=n_mask, other=0)
+        kv_off = (blk.to(tl.int64)[:, None] * stride_cb + (pos % PAGE)[:, None] * stride_ct
+                  + kvh * stride_ch + offs_d[None, :])
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [R, BLOCK_N]
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@lazy_jit(helpers=(_attend_paged,))
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     qk_scale, partition_size,
@@ -48,24 +75,11 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    bt_row = block_tables_ptr + b * stride_bt
-    for start_n in range(start, end, BLOCK_N):
-        pos = start_n + offs_n
-        n_mask = pos < end
-        blk = tl.load(bt_row + pos // PAGE, mask=n_mask, other=0)
-        kv_off = (blk.to(tl.int64)[:, None] * stride_cb + (pos % PAGE)[:, None] * stride_ct
-                  + kvh * stride_ch + offs_d[None, :])
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N]
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    m_i, l_i, acc = _attend_paged(
+        q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, start,
+        end, qk_scale, kvh, offs_n, offs_d, d_mask, stride_cb, stride_ct, stride_ch,
+        PAGE=PAGE, BLOCK_N=BLOCK_N,
+    )
     # an empty partition (past the end of a shorter sequence) leaves out = 0 and lse = -inf
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ._decode_attention import _attend_paged
 from ._triton_compat import cdiv, check_device, check_tensor, interpreting, lazy_jit, next_pow2, tl
 
 __all__ = ["prefill_attention", "prefill_attention_ref"]
@@ -22,7 +23,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
-@lazy_jit
+@lazy_jit(helpers=(_attend_paged,))
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_q_ptr,
@@ -61,24 +62,11 @@ def _prefill_kernel(
         if HAS_PREFIX:
             # cached keys: every new token sees all of them, so only the length needs a mask
             prefix_len = tl.load(seq_lens_ptr + seq) - q_len
-            for start_n in range(0, prefix_len, BLOCK_N):
-                pos = start_n + offs_n
-                n_mask = pos < prefix_len
-                bt_row = block_tables_ptr + seq * stride_bt
-                blk = tl.load(bt_row + pos // PAGE, mask=n_mask, other=0)
-                kv_off = (blk.to(tl.int64)[:, None] * stride_cb + (pos % PAGE)[:, None] * stride_ct
-                          + kvh * stride_ch + offs_d[None, :])
-                kv_mask = n_mask[:, None] & d_mask[None, :]
-                k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-                qk = tl.dot(q, tl.trans(k)) * qk_scale
-                qk = tl.where(n_mask[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                p = tl.exp2(qk - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+            m_i, l_i, acc = _attend_paged(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
+                0, prefix_len, qk_scale, kvh, offs_n, offs_d, d_mask, stride_cb, stride_ct,
+                stride_ch, PAGE=PAGE, BLOCK_N=BLOCK_N,
+            )
 
         k_base = k_ptr + q_start * stride_kn + kvh * stride_kh
         v_base = v_ptr + q_start * stride_vn + kvh * stride_vh

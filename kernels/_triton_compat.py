@@ -101,6 +101,7 @@ class _LazyKernel:
         for helper in self.helpers:
             # one jitted object per helper and mode (triton.jit reads TRITON_INTERPRET when it
             # decorates), so every kernel of a module sees the same global
+            helper.__globals__["tl"] = language  # a helper may live in another module
             key = (helper, mode)
             if key not in _JITTED_HELPERS:
                 _JITTED_HELPERS[key] = triton.jit(helper)
