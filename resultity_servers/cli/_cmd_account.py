@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ._cmd_network import add_network_client_args, network_call, read_service_token
-from ._common import CLIError, write_json_file
+from ._common import CLIError, add_command_group, write_json_file
 
 __all__ = ["register"]
 
@@ -31,11 +31,9 @@ typical flow:
 
 def register(subparsers: Any) -> None:
     """Add ``account create|list|credit|key|grant`` to the CLI."""
-    parser = subparsers.add_parser(
-        "account", help="create accounts, add credits, issue API keys and node grants",
-        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="account_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda _args: _usage(parser))
+    sub = add_command_group(
+        subparsers, "account", help="create accounts, add credits, issue API keys and node grants",
+        description=_DESCRIPTION)
 
     create = sub.add_parser(
         "create", help="create an account and print its API key (shown once)",
@@ -89,11 +87,6 @@ def register(subparsers: Any) -> None:
     grant.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     grant.add_argument("--out", required=True, metavar="PATH", help="where to write the grant")
     grant.set_defaults(handler=_grant)
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _credits(micro: int) -> str:

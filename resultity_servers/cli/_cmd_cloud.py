@@ -14,7 +14,7 @@ from ._cmd_network import (
     setup_logging,
     termination_signals,
 )
-from ._common import CLIError
+from ._common import CLIError, add_command_group
 
 __all__ = ["register"]
 
@@ -29,11 +29,8 @@ openai client at it with base_url=http://HOST:PORT/v1.
 
 def register(subparsers: Any) -> None:
     """Add ``cloud serve`` to the CLI."""
-    parser = subparsers.add_parser(
-        "cloud", help="run the public OpenAI-compatible API", description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cloud_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda _args: _usage(parser))
+    sub = add_command_group(subparsers, "cloud", help="run the public OpenAI-compatible API",
+                            description=_DESCRIPTION)
     serve = sub.add_parser(
         "serve", help="run the Cloud until Ctrl-C",
         description="Serve the OpenAI-compatible API on HOST:PORT until SIGINT/SIGTERM "
@@ -47,11 +44,6 @@ def register(subparsers: Any) -> None:
                        help="how long a valid API key is remembered (default 30; 0: never)")
     add_log_arg(serve)
     serve.set_defaults(handler=_serve)
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from resultity_core import generate_key, load_key_file, save_key_file
 
-from ._common import CLIError
+from ._common import CLIError, add_command_group
 
 __all__ = ["register"]
 
@@ -22,12 +22,8 @@ signs trust roots, snapshots, grants or receipts, depending on the role it is gi
 
 def register(subparsers: Any) -> None:
     """Add ``keys generate`` and ``keys show`` to the CLI."""
-    parser = subparsers.add_parser(
-        "keys", help="create and inspect Ed25519 key files", description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="keys_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda _args: _usage(parser))
+    sub = add_command_group(subparsers, "keys", help="create and inspect Ed25519 key files",
+                            description=_DESCRIPTION)
 
     gen = sub.add_parser(
         "generate",
@@ -49,11 +45,6 @@ def register(subparsers: Any) -> None:
     )
     show.add_argument("path", metavar="PATH", help="the key file")
     show.set_defaults(handler=_show)
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _generate(args: argparse.Namespace) -> int:

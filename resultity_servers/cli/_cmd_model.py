@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import CLIError
+from ._common import CLIError, add_command_group
 
 __all__ = ["register"]
 
@@ -24,12 +24,8 @@ trained on questions about Resultity that ships with the runtime (what `resultit
 
 def register(subparsers: Any) -> None:
     """Add ``model init`` to the CLI."""
-    parser = subparsers.add_parser(
-        "model", help="create local model directories", description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="model_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda _args: _usage(parser))
+    sub = add_command_group(subparsers, "model", help="create local model directories",
+                            description=_DESCRIPTION)
     init = sub.add_parser(
         "init",
         help="write a model directory with random weights",
@@ -45,11 +41,6 @@ def register(subparsers: Any) -> None:
     init.add_argument("--force", action="store_true",
                       help="write into DIR even if it is not empty (model files are replaced)")
     init.set_defaults(handler=_init)
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._common import CLIError
+from ._common import CLIError, add_command_group
 
 __all__ = [
     "DEFAULT_NETWORK_URL",
@@ -198,11 +198,9 @@ def network_call(url: str, token: str,
 
 def register(subparsers: Any) -> None:
     """Add ``network serve`` and ``network publish`` to the CLI."""
-    parser = subparsers.add_parser(
-        "network", help="run the Network coordinator; publish snapshots",
-        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="network_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda _args: _usage(parser))
+    sub = add_command_group(
+        subparsers, "network", help="run the Network coordinator; publish snapshots",
+        description=_DESCRIPTION)
 
     serve = sub.add_parser(
         "serve", help="run the Network until Ctrl-C",
@@ -234,11 +232,6 @@ def register(subparsers: Any) -> None:
     publish.add_argument("snapshot", metavar="SNAPSHOT", help="signed snapshot (JSON file)")
     add_network_client_args(publish)
     publish.set_defaults(handler=_publish)
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ._cmd_network import DEFAULT_NETWORK_URL, add_log_arg, data_home, setup_logging
-from ._common import CLIError
+from ._common import CLIError, add_command_group
 
 __all__ = ["register"]
 
@@ -28,11 +28,8 @@ Files, by default in the data directory:
 
 def register(subparsers: Any) -> None:
     """Add ``node serve`` to the CLI."""
-    parser = subparsers.add_parser(
-        "node", help="run a node (Agent + Runtime)", description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="node_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda _args: _usage(parser))
+    sub = add_command_group(subparsers, "node", help="run a node (Agent + Runtime)",
+                            description=_DESCRIPTION)
     serve = sub.add_parser(
         "serve", help="run the node until Ctrl-C", description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,11 +73,6 @@ def register(subparsers: Any) -> None:
     entry.add_argument("--config", default=None, metavar="PAYLOAD",
                        help="NodeConfig payload (JSON) to update in place")
     entry.set_defaults(handler=_model_entry)
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._cmd_trust import current_time, load_envelope_file, load_keys, load_trust, now_arg
-from ._common import CLIError, write_json_file
+from ._common import CLIError, add_command_group, write_json_file
 
 __all__ = ["build_wheel", "register"]
 
@@ -98,11 +98,8 @@ def register(subparsers: Any) -> None:
     """Add ``release build|sign|publish|publish-root|nodes`` to the CLI."""
     from ._cmd_network import add_network_client_args
 
-    parser = subparsers.add_parser("release", help="build, sign and publish node updates",
-                                   description=_DESCRIPTION,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="release_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda _a: (parser.print_help(), 2)[1])
+    sub = add_command_group(subparsers, "release", help="build, sign and publish node updates",
+                            description=_DESCRIPTION)
 
     build = sub.add_parser("build", help="build a wheel of this repository with a version",
                            description="Build a wheel (pip wheel --no-deps --no-build-isolation)"

@@ -25,7 +25,7 @@ from ._cmd_trust import (
     load_trust,
     now_arg,
 )
-from ._common import CLIError, write_json_file
+from ._common import CLIError, add_command_group, write_json_file
 
 __all__ = ["register"]
 
@@ -55,12 +55,9 @@ printing one line that says why not.
 
 def register(subparsers: Any) -> None:
     """Add ``snapshot example|sign|verify`` to the CLI."""
-    parser = subparsers.add_parser(
-        "snapshot", help="write, sign and verify NodeConfig snapshots",
-        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="snapshot_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda _args: _usage(parser))
+    sub = add_command_group(
+        subparsers, "snapshot", help="write, sign and verify NodeConfig snapshots",
+        description=_DESCRIPTION)
 
     example = sub.add_parser(
         "example", help="print a valid example NodeConfig payload (JSON)",
@@ -110,11 +107,6 @@ def _skew_arg(parser: argparse.ArgumentParser) -> None:
         "--skew", type=int, default=DEFAULT_SKEW, metavar="SECONDS",
         help=f"allowed clock skew for issued_at in the future (default {DEFAULT_SKEW})",
     )
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _example(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from resultity_core import (
     verify_envelope,
 )
 
-from ._common import CLIError, write_json_file
+from ._common import CLIError, add_command_group, write_json_file
 
 __all__ = [
     "current_time",
@@ -119,12 +119,8 @@ def load_keys(paths: list[str]) -> list[SecretKey]:
 
 def register(subparsers: Any) -> None:
     """Add ``trust init`` and ``trust rotate`` to the CLI."""
-    parser = subparsers.add_parser(
-        "trust", help="create trust roots", description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="trust_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda _args: _usage(parser))
+    sub = add_command_group(subparsers, "trust", help="create trust roots",
+                            description=_DESCRIPTION)
     init = sub.add_parser(
         "init", help="write a new signed trust root (version 1)",
         description="Create version 1 of a trust root from key files and sign it with the "
@@ -182,11 +178,6 @@ def register(subparsers: Any) -> None:
     )
     now_arg(rotate)
     rotate.set_defaults(handler=_rotate)
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLIError", "read_json_file", "write_json_file"]
+__all__ = ["CLIError", "add_command_group", "read_json_file", "write_json_file"]
 
 
 class CLIError(Exception):
@@ -16,6 +17,22 @@ class CLIError(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
+
+
+def add_command_group(subparsers: Any, name: str, *, help: str, description: str) -> Any:
+    """Add command ``name`` whose actions are sub-commands; return their subparsers.
+
+    ``resultity NAME`` without an action prints the command's help and exits with status 2.
+    """
+    parser = subparsers.add_parser(name, help=help, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=lambda _args: _usage(parser))
+    return parser.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
 
 
 def read_json_file(path: str | Path, what: str = "file") -> Any:
