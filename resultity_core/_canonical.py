@@ -13,7 +13,13 @@ from typing import Any
 
 from ._errors import CanonicalEncodingError
 
-__all__ = ["DIGEST_PREFIX", "canonical_bytes", "canonical_digest", "sha256_digest"]
+__all__ = [
+    "DIGEST_PREFIX",
+    "canonical_bytes",
+    "canonical_digest",
+    "check_canonical_value",
+    "sha256_digest",
+]
 
 DIGEST_PREFIX = "sha256:"
 
@@ -55,11 +61,19 @@ def _check(value: Any, path: str) -> None:
     raise CanonicalEncodingError(path, f"type {type(value).__name__} has no canonical form")
 
 
+def check_canonical_value(value: Any) -> None:
+    """Return None when ``value`` has a canonical form, without encoding it.
+
+    Raises CanonicalEncodingError naming the path of the first value that has none: a float
+    (NaN and infinities included), a non-string key, or a non-JSON type.
+    """
+    _check(value, "")
+
+
 def canonical_bytes(value: Any) -> bytes:
     """Return the canonical UTF-8 JSON bytes of ``value``.
 
-    Raises CanonicalEncodingError naming the path of the first value that has no canonical
-    form: a float (NaN and infinities included), a non-string key, or a non-JSON type.
+    Raises CanonicalEncodingError as ``check_canonical_value``.
     """
     _check(value, "")
     return _ENCODER.encode(value).encode("utf-8")

@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 
-from ._canonical import canonical_bytes, canonical_digest
+from ._canonical import canonical_bytes, canonical_digest, check_canonical_value
 from ._errors import (
     BadSignatureError,
     CanonicalEncodingError,
@@ -138,7 +138,7 @@ class Envelope:
         if not isinstance(signed, dict):
             raise MalformedEnvelopeError("signed", "expected the payload object")
         try:
-            canonical_bytes(signed)
+            check_canonical_value(signed)
         except CanonicalEncodingError as exc:
             raise MalformedEnvelopeError(f"signed.{exc.path}", exc.reason) from None
         raw_sigs = obj.get("signatures")

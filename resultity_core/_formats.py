@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import attrs
 
-from ._canonical import canonical_bytes, canonical_digest
+from ._canonical import canonical_digest, check_canonical_value
 from ._errors import CanonicalEncodingError, PayloadFormatError
 from ._fields import Fields
 
@@ -55,7 +55,7 @@ _HOUR_MS = 3_600_000
 def check_canonical(obj: object) -> None:
     """Raise PayloadFormatError (with the path) when ``obj`` has no canonical form."""
     try:
-        canonical_bytes(obj)
+        check_canonical_value(obj)
     except CanonicalEncodingError as exc:
         raise PayloadFormatError(exc.path, exc.reason) from None
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 import attrs
 
-from ._canonical import canonical_bytes
+from ._canonical import canonical_bytes, check_canonical_value
 from ._errors import CanonicalEncodingError, WireMessageError
 
 __all__ = [
@@ -97,7 +97,7 @@ def _json_object(value: object, field: str) -> None:
     if not isinstance(value, dict):
         raise _fail(field, f"must be a JSON object, got {type(value).__name__}")
     try:
-        canonical_bytes(value)
+        check_canonical_value(value)
     except CanonicalEncodingError as exc:
         raise _fail(f"{field}.{exc.path}" if exc.path else field, exc.reason) from None
 
