@@ -25,6 +25,9 @@ DONE = b"data: [DONE]\n\n"
 """The line the OpenAI API sends after the last chunk of a stream."""
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# one encoder for every event (json.dumps with options builds a new one per call); its output
+# never holds a raw CR or LF (JSON escapes control characters), so it is one data line
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _check_field(name: str, value: str) -> None:
@@ -45,8 +48,7 @@ def encode_event(
     LF, CRLF decodes as LF). Raises ``SSEEncodingError`` for a line break or NUL in ``event``
     or ``id``, or a negative ``retry``.
     """
-    if not isinstance(data, str):
-        data = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    lines = [_JSON.encode(data)] if not isinstance(data, str) else _LINE_BREAK.split(data)
     parts: list[str] = []
     if event is not None:
         _check_field("event", event)
@@ -58,7 +60,7 @@ def encode_event(
         if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
             raise SSEEncodingError(f"SSE retry must be a non-negative integer: {retry!r}")
         parts.append(f"retry: {retry}\n")
-    parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(data))
+    parts.extend(f"data: {line}\n" for line in lines)
     parts.append("\n")
     return "".join(parts).encode("utf-8")
 
