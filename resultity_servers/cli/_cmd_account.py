@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from ._cmd_network import add_network_client_args, network_call, read_service_token
+from ._cmd_network import add_network_client_args, admin_call
 from ._common import CLIError, add_command_group, write_json_file
 
 __all__ = ["register"]
@@ -94,69 +94,50 @@ def _credits(micro: int) -> str:
 
 
 def _create(args: argparse.Namespace) -> int:
+    import attrs
+
     from resultity_core import load_key_file
 
     if args.credits < 0:
         raise CLIError("--credits must not be negative")
-    body: dict[str, Any] = {"credits": args.credits}
-    if args.account_id:
-        body["account_id"] = args.account_id
-    if args.public_key:
-        body["public_key"] = load_key_file(args.public_key).public_key.hex
-    token = read_service_token(args.service_token_file)
-
-    async def call(client: Any) -> Any:
-        return await client.post_json("/network/v1/accounts", body)
-
-    answer = network_call(args.network, token, call)
+    public = load_key_file(args.public_key).public_key if args.public_key else None
+    created = admin_call(args, lambda client: client.create_account(
+        args.account_id or None, public_key=public, credits=args.credits))
     if args.json:
-        print(json.dumps(answer, indent=2, sort_keys=True))
+        # the Network's answer: the account's balance (nothing reserved yet) and its key
+        print(json.dumps({**attrs.asdict(created), "reserved": 0}, indent=2, sort_keys=True))
         return 0
-    print(f"account: {answer['account_id']}")
-    print(f"balance: {_credits(answer['balance'])}")
-    print(f"API key: {answer['api_key']}")
+    print(f"account: {created.account_id}")
+    print(f"balance: {_credits(created.balance)}")
+    print(f"API key: {created.api_key}")
     print("(the API key is shown only this once; store it now)")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    token = read_service_token(args.service_token_file)
+    import attrs
 
-    async def call(client: Any) -> Any:
-        return await client.get_json("/network/v1/accounts")
-
-    rows = network_call(args.network, token, call)["data"]
+    rows = admin_call(args, lambda client: client.list_accounts())
     if args.json:
-        print(json.dumps(rows, indent=2, sort_keys=True))
+        print(json.dumps([attrs.asdict(r) for r in rows], indent=2, sort_keys=True))
         return 0
     print(f"{'ACCOUNT':<32} {'BALANCE (micro)':>18} {'RESERVED (micro)':>18}")
     for row in rows:
-        print(f"{row['account_id']:<32} {row['balance']:>18,} {row['reserved']:>18,}")
+        print(f"{row.account_id:<32} {row.balance:>18,} {row.reserved:>18,}")
     return 0
 
 
 def _credit(args: argparse.Namespace) -> int:
     if args.amount <= 0:
         raise CLIError("AMOUNT must be a positive number of micro-credits")
-    token = read_service_token(args.service_token_file)
-
-    async def call(client: Any) -> Any:
-        return await client.post_json(f"/network/v1/accounts/{args.account}/credit",
-                                      {"amount": args.amount})
-
-    answer = network_call(args.network, token, call)
-    print(f"{answer['account_id']}: balance {_credits(answer['balance'])}")
+    balance = admin_call(args, lambda client: client.credit(args.account, args.amount))
+    print(f"{balance.account_id}: balance {_credits(balance.balance)}")
     return 0
 
 
 def _key(args: argparse.Namespace) -> int:
-    token = read_service_token(args.service_token_file)
-
-    async def call(client: Any) -> Any:
-        return await client.post_json(f"/network/v1/accounts/{args.account}/keys", {})
-
-    answer = network_call(args.network, token, call)
-    print(f"API key: {answer['api_key']}")
+    key = admin_call(args, lambda client: client.create_api_key(args.account))
+    print(f"API key: {key}")
     print("(the API key is shown only this once; store it now)")
     return 0
 

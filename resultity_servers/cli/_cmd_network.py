@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import logging
 import os
 import secrets
@@ -17,16 +16,19 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._common import CLIError, add_command_group
+
+if TYPE_CHECKING:
+    from resultity_servers.network import NetworkAdminClient
 
 __all__ = [
     "DEFAULT_NETWORK_URL",
     "add_network_client_args",
+    "admin_call",
     "bind_error",
     "data_home",
-    "network_call",
     "read_service_token",
     "register",
     "run_server",
@@ -166,34 +168,34 @@ def termination_signals() -> Iterator[Callable[[], Awaitable[str]]]:
         yield wait
 
 
-def network_call(url: str, token: str,
-                 call: Callable[[Any], Awaitable[_T]]) -> _T:
-    """Run ``call(client)`` with an HTTP client for ``url`` authenticated by ``token``.
+def admin_call(args: argparse.Namespace,
+               call: Callable[[NetworkAdminClient], Awaitable[_T]], *,
+               timeout_s: float = 30.0) -> _T:
+    """Run ``call(client)`` with a NetworkAdminClient for ``args.network``, authenticated by
+    the service token (``args.service_token_file`` or the environment).
 
-    Turns connection failures and error statuses into one-line CLIErrors.
+    Returns what ``call`` returns. Raises CLIError for a missing token, a refusal (naming the
+    Network's status and message) and an unreachable Network.
     """
     import anyio
 
-    from resultity_servers._http import HTTPClient, HTTPClientError, HTTPStatusError
+    from resultity_servers._http import HTTPClientError
+    from resultity_servers.network import AdminRequestError, NetworkAdminClient
+
+    token = read_service_token(args.service_token_file)
 
     async def run() -> _T:
-        async with HTTPClient(url, headers={"authorization": f"Bearer {token}"},
-                              timeout_s=30.0) as client:
+        async with NetworkAdminClient(args.network, token, timeout_s=timeout_s) as client:
             return await call(client)
 
     try:
         return anyio.run(run)
-    except HTTPStatusError as exc:
-        try:
-            message = json.loads(exc.body)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.body.decode("utf-8", "replace")[:200]
-        if exc.status == 401:
-            message += " (is the service token the one the Network uses?)"
-        raise CLIError(f"the network answered {exc.status}: {message}") from None
+    except AdminRequestError as exc:
+        hint = " (is the service token the one the Network uses?)" if exc.status == 401 else ""
+        raise CLIError(f"the network refused it: {exc}{hint}") from None
     except HTTPClientError as exc:
-        raise CLIError(f"cannot reach the network at {url}: {exc} (is `resultity network "
-                       f"serve` running?)") from None
+        raise CLIError(f"cannot reach the network at {args.network}: {exc} (is `resultity "
+                       f"network serve` running?)") from None
 
 
 def register(subparsers: Any) -> None:
@@ -280,11 +282,5 @@ def _publish(args: argparse.Namespace) -> int:
     from ._cmd_trust import load_envelope_file
 
     envelope = load_envelope_file(args.snapshot, "snapshot")
-    token = read_service_token(args.service_token_file)
-
-    async def call(client: Any) -> Any:
-        return await client.post_json("/network/v1/config", envelope.to_payload())
-
-    body = network_call(args.network, token, call)
-    print(body["config_hash"])
+    print(admin_call(args, lambda client: client.publish_config(envelope)))
     return 0

@@ -12,12 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ._cmd_network import add_network_client_args, admin_call
 from ._cmd_trust import current_time, load_envelope_file, load_keys, load_trust, now_arg
 from ._common import CLIError, add_command_group, write_json_file
 
 __all__ = ["build_wheel", "register"]
 
 _DAY = 86_400
+_ADMIN_TIMEOUT_S = 120.0  # artifact uploads are large
 _VERSION = re.compile(r"[0-9]+(\.[0-9]+)*([.+-]?[A-Za-z0-9]+)*")
 _TREE = ("pyproject.toml", "README.md", "LICENSE", "resultity_core", "resultity_runtime",
          "kernels", "resultity_servers")
@@ -96,8 +98,6 @@ def _digest(path: Path) -> tuple[str, int]:
 
 def register(subparsers: Any) -> None:
     """Add ``release build|sign|publish|publish-root|nodes`` to the CLI."""
-    from ._cmd_network import add_network_client_args
-
     sub = add_command_group(subparsers, "release", help="build, sign and publish node updates",
                             description=_DESCRIPTION)
 
@@ -188,30 +188,8 @@ def _sign(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_run(args: argparse.Namespace, call: Any) -> Any:
-    import anyio
-
-    from resultity_servers._http import HTTPClientError
-    from resultity_servers.network import AdminRequestError, NetworkAdminClient
-
-    from ._cmd_network import read_service_token
-
-    token = read_service_token(args.service_token_file)
-
-    async def main() -> Any:
-        async with NetworkAdminClient(args.network, token, timeout_s=120.0) as client:
-            return await call(client)
-
-    try:
-        return anyio.run(main)
-    except AdminRequestError as exc:
-        raise CLIError(f"the network refused it: {exc}") from None
-    except HTTPClientError as exc:
-        raise CLIError(f"cannot reach the network at {args.network}: {exc}") from None
-
-
 def _publish(args: argparse.Namespace) -> int:
-    from resultity_servers.network._release_admin import publish_release, upload_artifact
+    from resultity_servers.network import publish_release, upload_artifact
 
     envelope = load_envelope_file(args.manifest, "release manifest")
     files = [Path(a) for a in args.artifacts]
@@ -225,28 +203,28 @@ def _publish(args: argparse.Namespace) -> int:
             print(f"uploaded {path.name} ({address})")
         return await publish_release(client, envelope)
 
-    digest, version = _admin_run(args, call)
+    digest, version = admin_call(args, call, timeout_s=_ADMIN_TIMEOUT_S)
     print(f"published release v{version} ({digest})")
     return 0
 
 
 def _publish_root(args: argparse.Namespace) -> int:
-    from resultity_servers.network._release_admin import publish_root
+    from resultity_servers.network import publish_root
 
     envelope = load_envelope_file(args.root, "trust root")
 
     async def call(client: Any) -> int:
         return await publish_root(client, envelope)
 
-    version = _admin_run(args, call)
+    version = admin_call(args, call, timeout_s=_ADMIN_TIMEOUT_S)
     print(f"published trust root v{version}")
     return 0
 
 
 def _nodes(args: argparse.Namespace) -> int:
-    from resultity_servers.network._release_admin import node_update_statuses
+    from resultity_servers.network import node_update_statuses
 
-    rows = _admin_run(args, node_update_statuses)
+    rows = admin_call(args, node_update_statuses, timeout_s=_ADMIN_TIMEOUT_S)
     if not rows:
         print("no node has reported an update status yet")
     for row in rows:
