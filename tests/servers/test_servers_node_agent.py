@@ -40,7 +40,6 @@ from resultity_core import (
     canonical_digest,
     generate_key,
     make_root,
-    save_key_file,
     sign_envelope,
     sign_grant,
     verify_receipt,
@@ -52,6 +51,7 @@ from resultity_servers.node import (
     build_agent,
     job_output_hash,
     model_entry_for_dir,
+    prepare_node_dir,
 )
 
 FAKE = Path(__file__).with_name("test_servers_node_fakeruntime.py")
@@ -164,18 +164,15 @@ class Node:
 @pytest.fixture
 def node(tmp_path: Path) -> Node:
     data = tmp_path / "node"
-    data.mkdir()
     key, account, config_key = generate_key(), generate_key(), generate_key()
-    save_key_file(key, data / "node.key")
     now = int(time.time())
     grant = sign_grant(NodeGrant("acct-1", key.public_key, now - 10, now + 3600), account)
-    (data / "grant.json").write_text(json.dumps(grant.to_payload()))
     root_key = generate_key()
     root = make_root(version=1, expires_at=now + 86_400, role_keys={
         "root": [root_key.public_key], "config": [config_key.public_key],
         "release": [root_key.public_key], "network": [root_key.public_key]})
-    (data / "root.json").write_text(json.dumps(
-        sign_envelope(root.to_payload(), [root_key]).to_payload()))
+    prepare_node_dir(data, node_key=key, grant=grant,
+                     trust_root=sign_envelope(root.to_payload(), [root_key]))
     model_dir = data / "models" / "echo" / "1"
     model_dir.mkdir(parents=True)
     (model_dir / "weights.bin").write_bytes(secrets.token_bytes(3000))

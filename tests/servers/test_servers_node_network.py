@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +21,6 @@ from resultity_core import (
     RuntimeParams,
     generate_key,
     make_root,
-    save_key_file,
     sign_envelope,
     sign_grant,
 )
@@ -58,14 +56,12 @@ async def test_a_node_serves_jobs_through_the_network_over_http(tmp_path: Path) 
     (data / "models" / "echo" / "1").mkdir(parents=True)
     (data / "models" / "echo" / "1" / "weights.bin").write_bytes(b"w" * 5000)
     key, account, config_key, root_key = (generate_key() for _ in range(4))
-    save_key_file(key, data / "node.key")
     grant = sign_grant(NodeGrant("acct-1", key.public_key, now - 10, now + 3600), account)
-    (data / "grant.json").write_text(json.dumps(grant.to_payload()))
     root = make_root(version=1, expires_at=now + 86_400, role_keys={
         "root": [root_key.public_key], "config": [config_key.public_key],
         "release": [root_key.public_key], "network": [root_key.public_key]})
-    (data / "root.json").write_text(json.dumps(
-        sign_envelope(root.to_payload(), [root_key]).to_payload()))
+    prepare_node_dir(data, node_key=key, grant=grant,
+                     trust_root=sign_envelope(root.to_payload(), [root_key]))
     entry = model_entry_for_dir(data / "models" / "echo" / "1", "echo", "1", Price(1000, 2000))
     config = NodeConfig(
         version=1, issued_at=now - 10, expires_at=now + 3600, models=(entry,),
@@ -125,15 +121,12 @@ async def test_a_node_serves_jobs_through_the_network_over_http(tmp_path: Path) 
 async def test_a_node_with_a_bad_grant_is_refused(tmp_path: Path) -> None:
     now = int(time.time())
     data = tmp_path / "node"
-    data.mkdir()
     key, account, impostor, root_key = (generate_key() for _ in range(4))
-    save_key_file(key, data / "node.key")
     grant = sign_grant(NodeGrant("acct-1", key.public_key, now - 10, now + 3600), impostor)
-    (data / "grant.json").write_text(json.dumps(grant.to_payload()))
     root = make_root(version=1, expires_at=now + 86_400, role_keys={
         r: [root_key.public_key] for r in ("root", "config", "release", "network")})
-    (data / "root.json").write_text(json.dumps(
-        sign_envelope(root.to_payload(), [root_key]).to_payload()))
+    prepare_node_dir(data, node_key=key, grant=grant,
+                     trust_root=sign_envelope(root.to_payload(), [root_key]))
     async with running_network(NetworkSettings(port=0, service_token="svc")) as (server, app):
         app.coordinator.create_account(now, account_id="acct-1", public_key=account.public_key)
         agent = build_agent(NodeSettings(network_url=server.url, data_dir=data),

@@ -24,11 +24,15 @@ from resultity_core import (
     NodeGrant,
     generate_key,
     make_root,
-    save_key_file,
     sign_envelope,
     sign_grant,
 )
-from resultity_servers.node import NodeSettings, RuntimeSupervisor, build_agent
+from resultity_servers.node import (
+    NodeSettings,
+    RuntimeSupervisor,
+    build_agent,
+    prepare_node_dir,
+)
 from resultity_servers.node._sandbox import _import_roots
 
 pytestmark = pytest.mark.anyio
@@ -77,15 +81,12 @@ async def test_a_compromised_runtime_cannot_reach_the_network_or_the_keys(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     now = int(time.time())
     data = tmp_path / "node"
-    data.mkdir()
     key, account, root_key = generate_key(), generate_key(), generate_key()
-    save_key_file(key, data / "node.key")
     grant = sign_grant(NodeGrant("acct", key.public_key, now - 10, now + 3600), account)
-    (data / "grant.json").write_text(json.dumps(grant.to_payload()))
     root = make_root(version=1, expires_at=now + 3600, role_keys={
         r: [root_key.public_key] for r in ("root", "config", "release", "network")})
-    (data / "root.json").write_text(json.dumps(
-        sign_envelope(root.to_payload(), [root_key]).to_payload()))
+    prepare_node_dir(data, node_key=key, grant=grant,
+                     trust_root=sign_envelope(root.to_payload(), [root_key]))
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()
     (probe_dir / "sitecustomize.py").write_text(PROBE)

@@ -7,7 +7,6 @@ really runs from the new versioned environment.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -32,7 +31,6 @@ from resultity_core import (
     TrustRoot,
     generate_key,
     make_root,
-    save_key_file,
     sign_envelope,
     sign_grant,
 )
@@ -49,6 +47,7 @@ from resultity_servers.node import (
     NodeSettings,
     build_agent,
     model_entry_for_dir,
+    prepare_node_dir,
 )
 
 FAKE = Path(__file__).with_name("test_servers_node_fakeruntime.py")
@@ -88,15 +87,13 @@ def make_world(tmp_path: Path, *, release_threshold: int = 2) -> World:
     (data / "models" / "echo" / "1" / "weights.bin").write_bytes(b"w" * 1000)
     key, account, root_key, config_key = (generate_key() for _ in range(4))
     release_keys = [generate_key(), generate_key()]
-    save_key_file(key, data / "node.key")
     grant = sign_grant(NodeGrant("acct-1", key.public_key, now - 10, now + 3600), account)
-    (data / "grant.json").write_text(json.dumps(grant.to_payload()))
     root = make_root(version=1, expires_at=now + 86_400, role_keys={
         "root": [root_key.public_key], "config": [config_key.public_key],
         "release": [k.public_key for k in release_keys], "network": [root_key.public_key]},
         thresholds={"release": release_threshold})
-    (data / "root.json").write_text(json.dumps(
-        sign_envelope(root.to_payload(), [root_key]).to_payload()))
+    prepare_node_dir(data, node_key=key, grant=grant,
+                     trust_root=sign_envelope(root.to_payload(), [root_key]))
     entry = model_entry_for_dir(data / "models" / "echo" / "1", "echo", "1", Price(1, 1))
     config = NodeConfig(
         version=1, issued_at=now - 10, expires_at=now + 3600, models=(entry,),
