@@ -17,7 +17,7 @@ for the Network, the Cloud and the node's Agent, plus the Runtime child it super
 load generator is a minimal HTTP/1.1 client on raw anyio sockets (keep-alive, chunked, SSE),
 so no client library's overhead is counted.
 
-    python benchmarks/serving.py [--duration 30] [--clients 64] [--requests 40]
+    python benchmarks/serving.py [--duration 30] [--clients 64] [--requests 100]
         [--max-tokens 8] [--threads 1] [--rps-seconds 5] [--rps-clients 32]
         [--skip ttft,load,rps] [--settle 0] [--breakdown N]
 
@@ -601,7 +601,7 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
                         help="after the load test, wait this long and run it again (memory "
                         "check past the Network's 120 s event retention; 0: off)")
-    parser.add_argument("--requests", type=int, default=40, help="TTFT samples (40)")
+    parser.add_argument("--requests", type=int, default=100, help="TTFT samples (100)")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per request (8)")
     parser.add_argument("--rps-seconds", type=float, default=5.0)
     parser.add_argument("--rps-clients", type=int, default=32)
