@@ -309,10 +309,12 @@ async def run_demo(options: DemoOptions, *, once: bool = False, out: TextIO | No
             f"(finish: {result['finish_reason']})")
         if once:
             return 0
-        print(f"\nserving until Ctrl-C (try: OPENAI_BASE_URL={demo.base_url} "
-              f"OPENAI_API_KEY={demo.api_key} python examples/chat_openai.py)",
-              file=out, flush=True)
+        # the receiver is in place before the line that invites Ctrl-C: a signal sent right
+        # after it must shut down gracefully, not kill the process with the default action
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            print(f"\nserving until Ctrl-C (try: OPENAI_BASE_URL={demo.base_url} "
+                  f"OPENAI_API_KEY={demo.api_key} python examples/chat_openai.py)",
+                  file=out, flush=True)
             async for signum in signals:
                 log(f"{signal.Signals(signum).name}: shutting down (finishing open streams)")
                 break
