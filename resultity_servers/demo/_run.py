@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import secrets
@@ -42,7 +41,7 @@ from ._files import (
 )
 
 __all__ = [
-    "SAMPLE_PROMPT", "Demo", "check_port", "port_in_use", "run_demo", "running_demo",
+    "SAMPLE_PROMPT", "Demo", "check_port", "run_demo", "running_demo",
     "sample_chat",
 ]
 
@@ -319,8 +318,3 @@ async def run_demo(options: DemoOptions, *, once: bool = False, out: TextIO | No
                 log(f"{signal.Signals(signum).name}: shutting down (finishing open streams)")
                 break
     return 0
-
-
-def port_in_use(exc: OSError) -> bool:
-    """True when ``exc`` says an address is already in use."""
-    return exc.errno == errno.EADDRINUSE
