@@ -17,7 +17,6 @@ With a ``directory`` everything is kept on disk (``artifacts/``, ``releases/``, 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ from resultity_core import (
     check_release,
     parse_json_strict,
     rotate_root,
+    sha256_digest,
 )
 
 from ._errors import NetworkError
@@ -44,7 +44,7 @@ _ADDRESS = re.compile(r"sha256:[0-9a-f]{64}")
 
 def artifact_address(data: bytes) -> str:
     """Return ``sha256:<hex>`` of ``data`` (the address an artifact is stored and served at)."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return sha256_digest(data)
 
 
 class ReleaseError(NetworkError):

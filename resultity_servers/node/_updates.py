@@ -32,7 +32,6 @@ again from the new environment (``current_python``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from resultity_core import Release, ResultityError, as_envelope, check_release
+from resultity_core import Release, ResultityError, as_envelope, check_release, sha256_digest
 
 from ._envs import install_environment, write_current
 from ._errors import NodeError
@@ -163,7 +162,7 @@ class Updater:
             if len(data) != item.size:
                 raise UpdateError(f"artifact {item.name} has {len(data)} bytes, the manifest "
                                   f"says {item.size}")
-            actual = "sha256:" + hashlib.sha256(data).hexdigest()
+            actual = sha256_digest(data)
             if actual != item.sha256:
                 raise UpdateError(f"artifact {item.name} hashes to {actual}, the manifest "
                                   f"says {item.sha256}")
