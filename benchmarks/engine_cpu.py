@@ -10,7 +10,9 @@ The model directory is created with ``init_model_dir`` (preset small, seed 0) un
   use_cache=True) in the same dtype, and every engine dtype against transformers float32 (the
   checkpoint's dtype, transformers' default). Both are measured the same way: (T(n tokens) -
   T(1 token)) / (n - 1), so prefill and the first token are excluded;
-- aggregate tokens/s with 1, 16 and 64 concurrent requests (whole requests), 16 against 1;
+- aggregate tokens/s with 1, 16 and 64 concurrent requests (whole requests, prefill
+  included), 16 against 1; and decode tokens/s of 16 concurrent requests against 1 measured
+  like batch-1 decode (prefill excluded);
 - time to first token of a 512-token prompt (engine.generate with max_tokens=1);
 - peak RSS (VmHWM from /proc/self/status, reset between phases through
   /proc/self/clear_refs) while serving 1, 16 and 64 concurrent requests.
@@ -79,14 +81,19 @@ def _prompt_ids(engine: Engine, length: int) -> list[int]:
     return ids[:length]
 
 
-def bench_engine_decode(engine: Engine, prompt: list[int], n: int, runs: int) -> float:
+def bench_engine_decode(engine: Engine, prompt: list[int], n: int, runs: int,
+                        count: int = 1) -> float:
+    """Returns decode tokens/s (all sequences together) of ``count`` concurrent requests:
+    (T(n tokens) - T(1 token)) / (count * (n - 1)), so their prefill step is excluded."""
+    prompts = [[prompt[0], 3000 + i, *prompt[2:]] for i in range(count)]
+
     def gen(k: int) -> Callable[[], object]:
         p = SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True)
-        return lambda: engine.generate([prompt], p)
+        return lambda: engine.generate(prompts if count > 1 else [prompt], p)
 
     t1 = _best_of(runs, gen(1))
     tn = _best_of(runs, gen(n))
-    return (n - 1) / (tn - t1)
+    return count * (n - 1) / (tn - t1)
 
 
 def bench_hf_decode(model_dir: Path, prompt: list[int], n: int, runs: int,
@@ -162,6 +169,7 @@ def measure_engine(
     prompt = _prompt_ids(engine, prompt_len)
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))  # warm up
     res["decode"] = (bench_engine_decode(engine, prompt, tokens, runs), _load())
+    res["decode16"] = (bench_engine_decode(engine, prompt, tokens, runs, 16), _load())
     for count in (1, 16, 64):
         agg, rss = bench_concurrent(engine, prompt, count, tokens, runs if count < 64 else 1)
         res[f"agg{count}"], res[f"rss{count}"] = (agg, _load()), (rss / 1024, "")
@@ -230,6 +238,10 @@ def main() -> int:
             (f"engine {short} aggregate tok/s, 16 concurrent", f"{agg16[0]:.1f}", agg16[1]),
             (f"engine {short} 16 vs 1 (target >= 8x)", f"{agg16[0] / agg1[0]:.2f}x", ""),
             (f"engine {short} aggregate tok/s, 64 concurrent", f"{agg64[0]:.1f}", agg64[1]),
+            (f"engine {short} decode tok/s, 16 concurrent (prefill excluded)",
+             f"{res['decode16'][0]:.1f}", res["decode16"][1]),
+            (f"engine {short} decode 16 vs 1 (prefill excluded)",
+             f"{res['decode16'][0] / dec:.2f}x", ""),
             (f"engine {short} time to first token, 512-token prompt (ms)",
              f"{res['ttft'][0]:.0f}", res["ttft"][1]),
             (f"engine {short} peak RSS, 1 / 16 / 64 requests (MiB)",
