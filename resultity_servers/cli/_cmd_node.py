@@ -151,8 +151,7 @@ def _model_entry(args: argparse.Namespace) -> int:
     from resultity_core import NodeConfig, Price
     from resultity_servers.node import model_entry_for_dir
 
-    from ._cmd_trust import load_json_strict
-    from ._common import write_json_file
+    from ._common import load_json_strict, write_json_file
 
     path = Path(args.dir)
     if not path.is_dir():

@@ -20,12 +20,11 @@ from resultity_core import (
 from ._cmd_trust import (
     current_time,
     load_envelope_file,
-    load_json_strict,
     load_keys,
     load_trust,
     now_arg,
 )
-from ._common import CLIError, add_command_group, write_json_file
+from ._common import CLIError, add_command_group, load_json_strict, write_json_file
 
 __all__ = ["register"]
 

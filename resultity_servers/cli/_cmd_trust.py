@@ -19,18 +19,16 @@ from resultity_core import (
     load_key_file,
     load_trusted_root,
     make_root,
-    parse_json_strict,
     rotate_root,
     sign_envelope,
     verify_envelope,
 )
 
-from ._common import CLIError, add_command_group, write_json_file
+from ._common import CLIError, add_command_group, load_json_strict, write_json_file
 
 __all__ = [
     "current_time",
     "load_envelope_file",
-    "load_json_strict",
     "load_keys",
     "load_trust",
     "now_arg",
@@ -71,23 +69,6 @@ def now_arg(parser: argparse.ArgumentParser) -> None:
 def current_time(args: argparse.Namespace) -> int:
     """Return ``args.now`` or the current unix time."""
     return int(time.time()) if args.now is None else int(args.now)
-
-
-def load_json_strict(path: str, what: str) -> Any:
-    """Parse a JSON file strictly (no duplicate keys, floats or NaN); CLIError names the file."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise CLIError(f"{what} {p}: no such file") from None
-    except IsADirectoryError:
-        raise CLIError(f"{what} {p}: is a directory") from None
-    except OSError as exc:
-        raise CLIError(f"{what} {p}: {exc.strerror or exc}") from None
-    try:
-        return parse_json_strict(data)
-    except MalformedEnvelopeError as exc:
-        raise CLIError(f"{what} {p}: {exc.reason}") from None
 
 
 def load_envelope_file(path: str, what: str) -> Envelope:

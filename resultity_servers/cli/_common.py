@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLIError", "add_command_group", "read_json_file", "write_json_file"]
+__all__ = ["CLIError", "add_command_group", "load_json_strict", "write_json_file"]
 
 
 class CLIError(Exception):
@@ -35,27 +35,23 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def read_json_file(path: str | Path, what: str = "file") -> Any:
-    """Read and parse a JSON file, turning every failure into a CLIError naming the file."""
+def load_json_strict(path: str | Path, what: str) -> Any:
+    """Parse a JSON file strictly (no duplicate keys, floats or NaN); CLIError names the file."""
+    from resultity_core import MalformedEnvelopeError, parse_json_strict
+
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except FileNotFoundError:
         raise CLIError(f"{what} {p}: no such file") from None
     except IsADirectoryError:
         raise CLIError(f"{what} {p}: is a directory") from None
-    except PermissionError:
-        raise CLIError(f"{what} {p}: permission denied") from None
-    except UnicodeDecodeError:
-        raise CLIError(f"{what} {p}: not UTF-8 text") from None
     except OSError as exc:
         raise CLIError(f"{what} {p}: {exc.strerror or exc}") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CLIError(
-            f"{what} {p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
+        return parse_json_strict(data)
+    except MalformedEnvelopeError as exc:
+        raise CLIError(f"{what} {p}: {exc.reason}") from None
 
 
 def write_json_file(path: str | Path, value: Any, *, mode: int | None = None) -> None:
