@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ._common import CLIError
@@ -77,12 +76,11 @@ def _demo(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.startswith("rk-"):
         raise CLIError("--api-key must start with rk- (the network's API key prefix)", status=2)
     threads = args.threads or max(1, (os.cpu_count() or 2) // args.nodes)
-    data_dir = Path(args.data_dir or _default_dir()).absolute()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(name)s %(levelname)s: %(message)s")
-    options = DemoOptions(data_dir=data_dir, port=args.port, nodes=args.nodes,
-                          api_key=args.api_key, preset=args.preset, runtime_threads=threads,
-                          device=args.device)
+    options = DemoOptions(data_dir=args.data_dir or _default_dir(), port=args.port,
+                          nodes=args.nodes, api_key=args.api_key, preset=args.preset,
+                          runtime_threads=threads, device=args.device)
 
     async def main() -> int:
         try:

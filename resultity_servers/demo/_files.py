@@ -64,6 +64,10 @@ _DAY = 86_400
 _DONE = ".resultity-demo-complete"
 
 
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    return Path(path).absolute()
+
+
 def _stderr(message: str) -> None:
     print(f"demo: {message}", file=sys.stderr, flush=True)
 
@@ -80,9 +84,11 @@ class DemoOptions:
 
     ``api_key`` (must start with ``rk-``) replaces the generated one. ``preset`` None uses the
     runtime's ``demo`` preset when it exists, else ``tiny``. ``credits`` are micro-credits.
+    ``data_dir`` is made absolute (the paths the demo prints and writes to demo.json stay
+    valid from any directory).
     """
 
-    data_dir: Path = attrs.field(converter=Path)
+    data_dir: Path = attrs.field(converter=_absolute)
     port: int = 8000
     host: str = "127.0.0.1"
     nodes: int = 1
