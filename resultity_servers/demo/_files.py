@@ -132,18 +132,6 @@ def _key(path: Path) -> SecretKey:
     return key
 
 
-def _secret_file(path: Path, make: Callable[[], str]) -> str:
-    if path.exists():
-        value = path.read_text().strip()
-        if value:
-            return value
-    value = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value + "\n")
-    return value
-
-
 def _pick_preset(preset: str | None) -> str:
     from resultity_runtime import _presets
 
