@@ -6,8 +6,10 @@ and up stacked, so each layer runs three large matmuls and one attention call.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,10 +74,10 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-try:  # resolved once: the overload packet's lookup costs microseconds per call
+_linear_pointwise: Any = None  # torch built without oneDNN: weights are never packed then
+# resolved once: the overload packet's lookup costs microseconds per call
+with contextlib.suppress(AttributeError, RuntimeError):
     _linear_pointwise = torch.ops.mkldnn._linear_pointwise.default
-except (AttributeError, RuntimeError):  # torch built without oneDNN: never packed then
-    _linear_pointwise = None
 
 
 class RMSNorm(nn.Module):
