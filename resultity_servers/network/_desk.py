@@ -172,10 +172,13 @@ class DeskBase:
                 load[best.node_id] = load.get(best.node_id, 0) + 1
                 self._woken_nodes.add(best.node_id)
 
-    def _unassign_queued(self, tx: StoreTx, node_id: str) -> None:
-        """Take back the jobs queued for a node that stopped taking work (they re-route)."""
-        for job in tx.list_jobs([JobState.QUEUED], node_id=node_id):
+    def _unassign_queued(self, tx: StoreTx, node_id: str) -> bool:
+        """Take back the jobs queued for a node that stopped taking work (they re-route);
+        return whether there were any."""
+        jobs = tx.list_jobs([JobState.QUEUED], node_id=node_id)
+        for job in jobs:
             tx.update_job(attrs.evolve(job, node_id=None))
+        return bool(jobs)
 
     def _lose_node_jobs(self, tx: StoreTx, node: NodeRecord, reason: str, now: float) -> None:
         """Requeue the node's jobs that have no output yet; fail the ones mid-stream."""

@@ -244,9 +244,11 @@ class NodeDesk(ReceiptDesk):
             node, state=state, last_heartbeat=now, config_hash=beat.config_hash,
             active_jobs=beat.active_jobs, free_slots=beat.free_slots,
         ))
-        if state != NodeState.READY:
-            self._unassign_queued(tx, node.node_id)
-        self._dispatch(tx)
+        moved = state != NodeState.READY and self._unassign_queued(tx, node.node_id)
+        # Routing reads node states and queued jobs: a beat that changes neither (the steady
+        # state) has nothing to route, and skips reading every node; the tick routes the rest.
+        if moved or state != node.state:
+            self._dispatch(tx)
         return state
 
     def list_nodes(self) -> list[NodeRecord]:
