@@ -177,8 +177,12 @@ class JobDesk(DeskBase):
         with self._store.transaction() as tx:
             node = self._live_node(tx, node_id)
             self._last_seen[node_id] = now
+            # A batch is mostly one job's tokens: read each job once, keep it as updated.
+            jobs: dict[str, JobRecord | None] = {}
             for event in events:
-                job = tx.get_job(event.job_id)
+                if event.job_id not in jobs:
+                    jobs[event.job_id] = tx.get_job(event.job_id)
+                job = jobs[event.job_id]
                 if job is None:
                     error = UnknownJobError(f"unknown job {event.job_id!r}")
                     break
@@ -200,7 +204,7 @@ class JobDesk(DeskBase):
                         f"job {job.job_id!r}: event seq {event.seq}, expected {stream.next_seq}")
                     break
                 stream.next_seq += 1
-                self._apply_event(tx, job, event, stream, now)
+                jobs[job.job_id] = self._apply_event(tx, job, event, stream, now)
             if any(event.kind != "token" for event in events):
                 # A job may have ended and freed a slot: hand queued work to it now (waking
                 # the node's lease poll) rather than at the next submit or tick.
@@ -211,16 +215,18 @@ class JobDesk(DeskBase):
 
     def _apply_event(
         self, tx: StoreTx, job: JobRecord, event: JobEvent, stream: JobStream, now: float
-    ) -> None:
+    ) -> JobRecord:
+        """Apply one in-order event; return the job as it now is in the store."""
         self._woken_jobs.add(job.job_id)
         if event.kind == "error":
             stream.push(event)
             message = f"the node reported an error: {event.error}"
             job = attrs.evolve(job, state=apply_job_action(job.state, JobAction.FAIL),
                                finished_at=now, error=message, deadline=None)
-            tx.update_job(self._charge_produced(tx, job, now))
+            job = self._charge_produced(tx, job, now)
+            tx.update_job(job)
             stream.finished_at = now
-            return
+            return job
         if event.kind == "token":
             if job.state == JobState.LEASED:
                 job = attrs.evolve(job, first_token_at=now, state=apply_job_action(
@@ -228,7 +234,7 @@ class JobDesk(DeskBase):
                 tx.update_job(job)
             stream.completion_tokens += len(event.token_ids)
             stream.push(event)
-            return
+            return job
         assert event.kind == "done"
         assert event.usage is not None
         stream.push(event)
@@ -244,6 +250,7 @@ class JobDesk(DeskBase):
                                completion_tokens=usage.completion_tokens)
             tx.update_job(job)
             stream.finished_at = now
+        return job
 
     def job_events(
         self, job_id: str, after: int = 0, *, account_id: str | None = None
