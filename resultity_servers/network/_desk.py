@@ -8,7 +8,7 @@ ends jobs (fail or cancel: charge what streamed, tell the node, emit the error e
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -147,9 +147,11 @@ class DeskBase:
         self._emit_error(job, message, code, now)
         return job
 
-    def _dispatch(self, tx: StoreTx) -> None:
-        """Assign unassigned queued jobs to the least loaded ready node with the model."""
-        nodes = [n for n in tx.list_nodes() if n.state == NodeState.READY]
+    def _dispatch(self, tx: StoreTx, nodes: Sequence[NodeRecord] | None = None) -> None:
+        """Assign unassigned queued jobs to the least loaded ready node with the model
+        (``nodes``: every node's record, when the caller has just read them)."""
+        nodes = [n for n in (tx.list_nodes() if nodes is None else nodes)
+                 if n.state == NodeState.READY]
         if not nodes:
             return
         load = tx.active_job_counts()

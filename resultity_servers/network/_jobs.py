@@ -110,8 +110,9 @@ class JobDesk(DeskBase):
         with self._store.transaction() as tx:
             if tx.get_account(account_id) is None:
                 raise InvalidAPIKeyError(f"unknown account {account_id!r}")
+            nodes = tx.list_nodes()
             if not any(n.state in (NodeState.READY, NodeState.SYNCING)
-                       and model in n.capabilities.models for n in tx.list_nodes()):
+                       and model in n.capabilities.models for n in nodes):
                 raise no_capacity(model)
             reserved = reserve if reserve is not None else job_cost(
                 entry.price, prompt_tokens_estimate, max_tokens)
@@ -125,7 +126,7 @@ class JobDesk(DeskBase):
                 prompt_tokens_estimate=prompt_tokens_estimate, price=entry.price,
                 reserved=reserved, choices=max(1, choices or n_choices(request)),
             ))
-            self._dispatch(tx)
+            self._dispatch(tx, nodes)
             job = tx.get_job(job_id)
         assert job is not None
         self._streams[job_id] = JobStream(account_id)
