@@ -6,6 +6,7 @@ schema change is a new entry (never an edit of a released one).
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from typing import Any
@@ -105,12 +106,19 @@ def job_from_row(row: sqlite3.Row) -> JobRecord:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _capabilities(text: str) -> Capabilities:
+    # Every routing decision reads every node row, and a node's capabilities text rarely
+    # changes: parse each distinct text once (Capabilities is frozen, so it can be shared).
+    return Capabilities.from_payload(json.loads(text))
+
+
 def node_from_row(row: sqlite3.Row) -> NodeRecord:
     """Return the NodeRecord of a row selected with ``NODE_COLUMNS``."""
     return NodeRecord(
         node_id=row[0], public_key=row[1], account_id=row[2], state=NodeState(row[3]),
         registered_at=row[4], last_heartbeat=row[5],
-        capabilities=Capabilities.from_payload(json.loads(row[6])), config_hash=row[7],
+        capabilities=_capabilities(row[6]), config_hash=row[7],
         active_jobs=row[8], free_slots=row[9], session_hash=row[10], session_expires=row[11],
     )
 
