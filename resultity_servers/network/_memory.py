@@ -176,6 +176,9 @@ class MemoryStore(Store, StoreTx):
         node_id: str | None = None,
         unassigned: bool = False,
         unsettled: bool = False,
+        created_before: float | None = None,
+        deadline_before: float | None = None,
+        finished_before: float | None = None,
         limit: int | None = None,
     ) -> list[JobRecord]:
         wanted = set(states)
@@ -186,6 +189,10 @@ class MemoryStore(Store, StoreTx):
             and (node_id is None or job.node_id == node_id)
             and (not unassigned or job.node_id is None)
             and (not unsettled or not job.settled)
+            and (created_before is None or job.created < created_before)
+            and (deadline_before is None
+                 or (job.deadline is not None and job.deadline < deadline_before))
+            and (finished_before is None or (job.finished_at or 0.0) < finished_before)
         ]
         out.sort(key=lambda job: (job.created, job.job_id))
         return out if limit is None else out[:limit]

@@ -268,6 +268,9 @@ class SQLiteStore(Store, StoreTx):
         node_id: str | None = None,
         unassigned: bool = False,
         unsettled: bool = False,
+        created_before: float | None = None,
+        deadline_before: float | None = None,
+        finished_before: float | None = None,
         limit: int | None = None,
     ) -> list[JobRecord]:
         wanted = [str(s) for s in states]
@@ -280,6 +283,12 @@ class SQLiteStore(Store, StoreTx):
             sql += " AND node_id IS NULL"
         if unsettled:
             sql += " AND settled = 0"
+        for clause, value in (("created < ?", created_before),
+                              ("deadline < ?", deadline_before),  # NULL: no deadline, left out
+                              ("COALESCE(finished_at, 0) < ?", finished_before)):
+            if value is not None:
+                sql += " AND " + clause
+                args.append(value)
         sql += " ORDER BY created, job_id"
         if limit is not None:
             sql += " LIMIT ?"

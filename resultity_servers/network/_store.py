@@ -129,10 +129,15 @@ class StoreTx(abc.ABC):
         node_id: str | None = None,
         unassigned: bool = False,
         unsettled: bool = False,
+        created_before: float | None = None,
+        deadline_before: float | None = None,
+        finished_before: float | None = None,
         limit: int | None = None,
     ) -> list[JobRecord]:
         """Return jobs in ``states``, oldest first; optionally only one node's, only those
-        with no node, only those not yet settled, at most ``limit``."""
+        with no node, only those not yet settled, only those created before, with a deadline
+        before, or finished (a missing ``finished_at`` counting as 0) before a time, at most
+        ``limit``."""
 
     @abc.abstractmethod
     def active_job_counts(self) -> dict[str, int]:

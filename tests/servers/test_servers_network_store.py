@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import attrs
 import pytest
 
 from resultity_core import (
@@ -135,6 +136,27 @@ def test_jobs_filters_order_and_counts(network_store: Store) -> None:
         tx.update_job(_job("a", created=3.0, node="n1", state=JobState.DONE))
         assert [j.job_id for j in tx.list_jobs([JobState.DONE], unsettled=True)] == ["d", "a"]
         assert tx.get_job("zzz") is None
+
+
+def test_jobs_time_filters(network_store: Store) -> None:
+    with network_store.transaction() as tx:
+        tx.insert_job(_job("old", created=1.0))
+        tx.insert_job(_job("new", created=5.0))
+        tx.insert_job(attrs.evolve(_job("due", created=1.0, state=JobState.LEASED), deadline=3.0))
+        tx.insert_job(_job("free", created=1.0, state=JobState.LEASED))  # no deadline
+        tx.insert_job(attrs.evolve(_job("done", state=JobState.DONE), finished_at=4.0))
+        tx.insert_job(_job("done0", state=JobState.DONE))  # finished_at missing: counts as 0
+    with network_store.transaction() as tx:
+        def ids(jobs: list[JobRecord]) -> list[str]:
+            return [j.job_id for j in jobs]
+
+        assert ids(tx.list_jobs([JobState.QUEUED], created_before=5.0)) == ["old"]
+        assert ids(tx.list_jobs([JobState.QUEUED], created_before=5.5)) == ["old", "new"]
+        assert ids(tx.list_jobs([JobState.LEASED], deadline_before=3.0)) == []
+        assert ids(tx.list_jobs([JobState.LEASED], deadline_before=3.5)) == ["due"]
+        assert ids(tx.list_jobs([JobState.DONE], finished_before=4.0)) == ["done0"]
+        assert sorted(ids(tx.list_jobs([JobState.DONE], unsettled=True,
+                                       finished_before=4.5))) == ["done", "done0"]
 
 
 def test_receipts_are_unique_per_job(network_store: Store) -> None:
