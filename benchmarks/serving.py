@@ -21,6 +21,10 @@ so no client library's overhead is counted.
         [--max-tokens 8] [--threads 1] [--rps-seconds 5] [--rps-clients 32]
         [--skip ttft,load,rps] [--settle 0] [--breakdown N]
 
+``--settle S`` runs the load test a second time after S idle seconds (memory check past the
+Network's event retention); ``--breakdown N`` instead prints the median timeline of N
+requests through a demo run in this process, with timestamps on internal steps.
+
 uvicorn is not a dependency (``pip install uvicorn`` or the ``bench`` extra); without it the
 comparison is skipped with a message.
 """
