@@ -78,8 +78,8 @@ class DeskBase:
         self._pending_cancels: dict[str, set[str]] = {}
         self._woken_nodes: set[str] = set()
         self._woken_jobs: set[str] = set()
-        # Signs of life between heartbeats (lease polls, event posts): kept in memory so that
-        # a poll costs no disk write; a heartbeat writes ``last_heartbeat`` to the store.
+        # Signs of life (heartbeats, lease polls, event posts): kept in memory so that they
+        # cost no disk write; a heartbeat writes ``last_heartbeat`` only now and then.
         self._last_seen: dict[str, float] = {}
 
     # --- wake-ups for the I/O driver ----------------------------------------------------------

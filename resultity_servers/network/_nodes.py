@@ -240,10 +240,14 @@ class NodeDesk(ReceiptDesk):
             state = apply_node_action(state, NodeAction.CONFIG_APPLIED)
         elif state == NodeState.READY and (not synced or beat.status == "syncing"):
             state = apply_node_action(state, NodeAction.CONFIG_CHANGED)
-        tx.put_node(attrs.evolve(
-            node, state=state, last_heartbeat=now, config_hash=beat.config_hash,
-            active_jobs=beat.active_jobs, free_slots=beat.free_slots,
-        ))
+        self._last_seen[node.node_id] = now
+        record = attrs.evolve(node, state=state, config_hash=beat.config_hash,
+                              active_jobs=beat.active_jobs, free_slots=beat.free_slots)
+        # The time of the beat is kept in memory (``_last_seen``, which the tick reads too)
+        # and written with any other change, else every third of the heartbeat timeout (what
+        # a restarted Network goes by): a steady beat costs no disk write.
+        if record != node or now - node.last_heartbeat >= self.settings.heartbeat_timeout_s / 3:
+            tx.put_node(attrs.evolve(record, last_heartbeat=now))
         moved = state != NodeState.READY and self._unassign_queued(tx, node.node_id)
         # Routing reads node states and queued jobs: a beat that changes neither (the steady
         # state) has nothing to route, and skips reading every node; the tick routes the rest.
