@@ -595,6 +595,24 @@ def test_timeouts_queue_deadline_and_late_receipt(network_store: Store) -> None:
     world.conserved()
 
 
+def test_steady_heartbeats_keep_a_node_alive_with_few_writes(world: World) -> None:
+    node = world.admit()
+    written = world.c.list_nodes()[0].last_heartbeat
+    world.now += 1
+    world.beat(node)  # nothing changed: the beat is remembered, not written
+    assert world.c.list_nodes()[0].last_heartbeat == written
+    for _ in range(40):  # 40 s of beats, past the 15 s heartbeat timeout
+        world.now += 1
+        world.beat(node)
+        world.c.tick(world.now)
+    [record] = world.c.list_nodes()
+    assert record.state == NodeState.READY
+    assert written < record.last_heartbeat <= world.now  # written now and then
+    world.now += world.settings.heartbeat_timeout_s + 1
+    world.c.tick(world.now)
+    assert world.c.list_nodes()[0].state == NodeState.DEAD
+
+
 def test_expired_grant_ends_the_node_at_its_next_heartbeat(world: World) -> None:
     node_key = generate_key()
     node = world.register(node_key, world.grant(node_key, expires_in=100))
