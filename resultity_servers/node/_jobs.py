@@ -53,6 +53,9 @@ class ActiveJob:
     completion_tokens: int = 0
     error: str | None = None
     receipt: Receipt | None = None
+    #: set once every frame of the job was written to the Runtime, or the job ended
+    handed: anyio.Event = attrs.field(factory=anyio.Event)
+    unsent: int = 0
 
     def event(self, kind: str, **fields: Any) -> JobEvent:
         """Return the next event of this job (``seq`` counts up from 0)."""
@@ -67,7 +70,7 @@ async def _stream(job: ActiveJob, runtime: RuntimeSupervisor, frame: Generate, *
         return
     aborted = False
     try:
-        async for ev in runtime.generate(frame):
+        async for ev in runtime.generate(frame, on_sent=functools.partial(_sent, job)):
             if job.cancelled and not aborted:
                 # A cancel that raced the start of the request: abort it now.
                 aborted = True
@@ -89,13 +92,30 @@ async def _stream(job: ActiveJob, runtime: RuntimeSupervisor, frame: Generate, *
         scope.cancel()
 
 
+def _sent(job: ActiveJob) -> None:
+    job.unsent -= 1
+    if job.unsent <= 0:
+        job.handed.set()
+
+
 async def run_job(
     job: ActiveJob, runtime: RuntimeSupervisor | None, *, key: SecretKey, emit: Emit,
     clock: Callable[[], float],
 ) -> None:
     """Run ``job`` on ``runtime`` until it finishes, fails, is cancelled or passes its
     deadline; emit its events and its Receipt through ``emit``. Never raises for a bad job.
+    ``job.handed`` is set once its frames are written to the Runtime (or it ended).
     """
+    try:
+        await _run_job(job, runtime, key=key, emit=emit, clock=clock)
+    finally:
+        job.handed.set()
+
+
+async def _run_job(
+    job: ActiveJob, runtime: RuntimeSupervisor | None, *, key: SecretKey, emit: Emit,
+    clock: Callable[[], float],
+) -> None:
     lease = job.lease
     try:
         spec = parse_job_request(lease.request)
@@ -137,6 +157,7 @@ def _wire_finish(reason: str | None) -> str:
 
 async def _run(job: ActiveJob, spec: JobSpec, runtime: RuntimeSupervisor, emit: Emit) -> None:
     prompts: tuple[str | None, ...] = spec.prompts or (None,)
+    job.unsent = len(prompts)
     messages = [dict(m) for m in spec.messages] if spec.messages is not None else None
     async with anyio.create_task_group() as tg:
         for i, prompt in enumerate(prompts):

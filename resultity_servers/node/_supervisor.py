@@ -18,7 +18,7 @@ import logging
 import math
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -176,11 +176,14 @@ class RuntimeSupervisor:
             for job in list(self._jobs.values()):
                 self._fail(job, "runtime stopped")
 
-    async def generate(self, frame: Generate) -> AsyncIterator[TokenEvent]:
+    async def generate(self, frame: Generate, *, on_sent: Callable[[], None] | None = None
+                       ) -> AsyncIterator[TokenEvent]:
         """Yield the job's token events until its last one (the one with ``usage``).
 
-        Leaving early aborts the job in the Runtime. Raises RuntimeJobError when the Runtime
-        refuses the job or dies under it.
+        ``on_sent`` is called once the frame was written to the Runtime (or queued for a
+        child that is not ready yet), before the first event is awaited. Leaving early aborts
+        the job in the Runtime. Raises RuntimeJobError when the Runtime refuses the job or
+        dies under it.
         """
         if frame.job_id in self._jobs:
             raise RuntimeJobError(frame.job_id, "job id already running")
@@ -190,6 +193,8 @@ class RuntimeSupervisor:
         try:
             if self.state == "ready":
                 await self._send_job(job)
+            if on_sent is not None:
+                on_sent()
             async with recv:
                 async for item in recv:
                     if isinstance(item, RuntimeJobError):
