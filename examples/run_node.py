@@ -32,7 +32,8 @@ def main() -> int:
     parser.add_argument("--network", required=True, help="the Network's URL")
     parser.add_argument("--data-dir", default="./node", help="the node's directory")
     parser.add_argument("--trust-root-digest", default=None, help="pin the trust root")
-    parser.add_argument("--max-jobs", type=int, default=4)
+    parser.add_argument("--max-jobs", type=int, default=None,
+                        help="cap below what the network's config allows")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

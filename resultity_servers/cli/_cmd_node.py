@@ -46,8 +46,9 @@ def register(subparsers: Any) -> None:
                        help="pin the first trust root to this digest (from `trust init`)")
     serve.add_argument("--models-dir", default=None, metavar="DIR",
                        help="where approved model files are found (default DATA_DIR/models)")
-    serve.add_argument("--max-jobs", type=int, default=4, metavar="N",
-                       help="jobs run at once at most (default 4; the config may lower it)")
+    serve.add_argument("--max-jobs", type=int, default=None, metavar="N",
+                       help="jobs run at once at most (default: what the network's config "
+                       "allows; this can only lower it)")
     serve.add_argument("--device", default="cpu", help="torch device for the Runtime "
                        "(default cpu; e.g. cuda)")
     serve.add_argument("--threads", type=int, default=0, metavar="N",
@@ -90,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ._cmd_network import run_server, termination_signals
 
     setup_logging(args.log_level)
-    if args.max_jobs < 1:
+    if args.max_jobs is not None and args.max_jobs < 1:
         raise CLIError("--max-jobs must be at least 1")
     if args.threads < 0:
         raise CLIError("--threads must not be negative")

@@ -13,8 +13,10 @@
 * outbox: sends job events in order (batched) and receipts; the answers also name jobs to
   abort.
 
-The Network learns which models the node serves at registration, so after a sync that
-changes the set of ready models the Agent registers again (when no job is running).
+The Network learns which models the node serves and how many jobs it takes at registration,
+so after a sync that changes either the Agent registers again (when no job is running). The
+node takes as many jobs as the applied config allows (its runtime ``max_batch_size`` and
+participation limit) unless the operator's ``max_concurrent_jobs`` is lower.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ __all__ = ["Agent", "save_trust_state"]
 log = logging.getLogger("resultity.node")
 _BUSY_HEARTBEAT_S = 0.5
 _MAX_REFUSALS = 3
+_HANDOFF_WAIT_S = 0.05  # at most this long for leased jobs to reach the Runtime
 
 
 def save_trust_state(trust: NodeTrustState, path: Path) -> None:
@@ -90,7 +93,7 @@ class Agent:
     def __init__(
         self, *, key: SecretKey, grant: Envelope, trust: NodeTrustState,
         transport: NetworkTransport, source: ModelSource, install_dir: Path, state_path: Path,
-        runtime: RuntimeSpec, max_concurrent_jobs: int = 4, device: str = "cpu",
+        runtime: RuntimeSpec, max_concurrent_jobs: int | None = None, device: str = "cpu",
         lease_wait_ms: int = 20_000, progress: Progress | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -113,6 +116,7 @@ class Agent:
         self._job_runtimes: dict[str, Served] = {}
         self.refused: dict[str, str] = {}
         self.registered_models: tuple[str, ...] | None = None
+        self.registered_batch = 0
         self.reported_hash: str | None = None
         self._syncing = False
         self.outbox = Outbox(transport, self.cancel_job)
@@ -129,10 +133,20 @@ class Agent:
 
     @property
     def capacity(self) -> int:
-        """How many jobs may run at once under the config in force."""
+        """How many jobs may run at once: the config's runtime batch size and participation
+        limit, lowered by the operator's ``max_concurrent_jobs`` when set (0 without config)."""
         config = self.config
-        limit = config.participation.max_concurrent_jobs if config else 0
-        return min(self.max_concurrent_jobs, limit)
+        if config is None:
+            return 0
+        limit = min(config.runtime.max_batch_size, config.participation.max_concurrent_jobs)
+        cap = self.max_concurrent_jobs
+        return limit if cap is None else min(cap, limit)
+
+    def _offered_batch(self) -> int:
+        # The batch the node registers with (the Network routes at most that many jobs).
+        if self.config is not None:
+            return max(1, self.capacity)
+        return max(1, self.max_concurrent_jobs or 1)
 
     @property
     def runtimes(self) -> dict[str, Served]:
@@ -206,8 +220,8 @@ class Agent:
     async def _register(self) -> None:
         attempt = refusals = 0
         while True:
-            models = self.ready_models()
-            caps = Capabilities(models, max(1, self.max_concurrent_jobs), self.device)
+            models, batch = self.ready_models(), self._offered_batch()
+            caps = Capabilities(models, batch, self.device)
             try:
                 challenge = await self.transport.register(RegisterRequest(
                     self.key.public_key.hex, dict(self.grant.to_payload()), caps))
@@ -231,7 +245,7 @@ class Agent:
                 continue
             if node_id != self.node_id:
                 raise RegistrationError(f"admitted as {node_id!r}, expected {self.node_id!r}")
-            self.registered_models = models
+            self.registered_models, self.registered_batch = models, batch
             log.info("registered as node %s serving %s", self.node_id[:12], list(models))
             self.wake(heartbeat=True)
             return
@@ -240,8 +254,9 @@ class Agent:
         seq = 0
         failures = 0
         while True:
-            if (self.registered_models != self.ready_models() and not self.active
-                    and not self.outbox and not self._syncing):
+            if ((self.registered_models != self.ready_models()
+                 or self.registered_batch != self._offered_batch())
+                    and not self.active and not self.outbox and not self._syncing):
                 await self._register()
             beat = Heartbeat(
                 self.node_id, seq, self.reported_hash, self.version, len(self.active),
@@ -330,11 +345,16 @@ class Agent:
                 continue
             failures = 0
             assert self._tg is not None
-            for lease in batch.leases:
-                job = ActiveJob(lease)
-                self.active[lease.job_id] = job
+            jobs = [ActiveJob(lease) for lease in batch.leases]
+            for job in jobs:
+                self.active[job.lease.job_id] = job
                 self._tg.start_soon(self._run_job, job)
-            if batch.leases:
+            if jobs:
+                # The jobs reach the Runtime before the next poll and the heartbeat take
+                # the loop (they are on the path to the first token).
+                with anyio.move_on_after(_HANDOFF_WAIT_S):
+                    for job in jobs:
+                        await job.handed.wait()
                 self.wake(heartbeat=True)  # busy now: heartbeats (and cancels) every 0.5 s
 
     async def _run_job(self, job: ActiveJob) -> None:

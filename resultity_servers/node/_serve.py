@@ -67,6 +67,8 @@ class NodeSettings:
     ``trust_root_digest`` pins the first trust root (``sha256:...``); without it the root file
     is trusted on first use. ``runtime_command`` replaces the Runtime child's command line
     (tests, containers); ``runtime_env`` is added to its cleared environment.
+    ``max_concurrent_jobs`` caps the jobs run at once below what the applied NodeConfig allows
+    (its runtime ``max_batch_size`` and participation limit); None: the config's.
     ``update_interval_s`` is how often the Agent looks for a new release or trust root (0:
     never); ``restart_for_agent_update`` makes the Agent end (``AgentRestartRequired``) after
     installing a release whose agent version differs from its own code, for a supervisor to
@@ -81,7 +83,7 @@ class NodeSettings:
     trust_root_path: Path | None = attrs.field(default=None, converter=_absolute_or_none)
     trust_root_digest: str | None = None
     models_dir: Path | None = attrs.field(default=None, converter=_absolute_or_none)
-    max_concurrent_jobs: int = 4
+    max_concurrent_jobs: int | None = None
     device: str = "cpu"
     lease_wait_ms: int = 20_000
     runtime_threads: int = 0

@@ -382,3 +382,55 @@ async def test_a_new_config_restarts_changed_runtimes_and_stops_removed_ones(nod
         await until(lambda: second.state == "stopped")
     assert node.network.registrations[-1].capabilities.models == ()
     assert len(node.fake_log("start")) == 2
+
+
+async def test_takes_its_capacity_from_the_config_unless_the_operator_caps_it(node: Node
+                                                                             ) -> None:
+    eight = attrs.evolve(node.config(1), runtime=RuntimeParams("auto", 8, 256, 0),
+                         participation=Participation(True, 8, 1000))
+    h1 = node.network.publish(eight)
+    agent = node.agent()
+    async with running(agent):
+        await serving(agent, h1)
+        assert agent.capacity == 8
+        await until(lambda: node.network.registrations[-1].capabilities.max_batch == 8)
+        # a config whose runtime batch is smaller lowers it; the node registers again
+        h2 = node.network.publish(attrs.evolve(eight, version=2,
+                                               runtime=RuntimeParams("auto", 3, 256, 0)))
+        await serving(agent, h2)
+        assert agent.capacity == 3
+        await until(lambda: node.network.registrations[-1].capabilities.max_batch == 3)
+    capped = attrs.evolve(node, settings=attrs.evolve(node.settings, max_concurrent_jobs=2))
+    capped_agent = capped.agent()
+    async with running(capped_agent):
+        await serving(capped_agent, h2)
+        assert capped_agent.capacity == 2
+        assert node.network.registrations[-1].capabilities.max_batch == 2
+
+
+async def test_a_leased_job_reaches_the_runtime_before_the_next_poll_and_beat(node: Node
+                                                                             ) -> None:
+    h1 = node.network.publish(node.config(1))
+    agent = node.agent()
+    seen: list[tuple[str, bool]] = []
+    lease, heartbeat = node.network.lease, node.network.heartbeat
+
+    async def watched_lease(request: LeaseRequest) -> LeaseBatch:
+        seen.extend(("lease", job.handed.is_set()) for job in agent.active.values())
+        return await lease(request)
+
+    async def watched_heartbeat(beat: Heartbeat) -> HeartbeatAnswer:
+        seen.extend(("beat", job.handed.is_set()) for job in agent.active.values())
+        return await heartbeat(beat)
+
+    node.network.lease = watched_lease  # type: ignore[method-assign]
+    node.network.heartbeat = watched_heartbeat  # type: ignore[method-assign]
+    async with running(agent):
+        await serving(agent, h1)
+        jobs = [node.network.submit({"model": "echo", "prompt": "one two three",
+                                     "max_tokens": 3}) for _ in range(2)]
+        await until(lambda: len(node.network.receipts) == 2)
+    assert {e.job_id for e in node.network.events} == set(jobs)
+    assert ("lease", True) in seen
+    assert ("beat", True) in seen
+    assert all(handed for _, handed in seen), seen
