@@ -284,6 +284,24 @@ def test_routing_picks_least_loaded_node_with_model_and_capacity(world: World) -
     assert [x.job_id for x in world.c.lease(small, 8, world.now).leases] == [jobs[4]]
 
 
+def test_an_event_that_ends_a_job_routes_the_queue_at_once(world: World) -> None:
+    # Regression: the queued job waited for the next submit, lease or tick (up to 0.5 s)
+    # while the node's long poll was already waiting for it.
+    node = world.admit(max_batch=1)
+    first, queued = world.submit(), world.submit()
+    [lease] = world.c.lease(node, 1, world.now).leases
+    assert lease.job_id == first
+    assert world.c.get_job(queued).node_id is None
+    world.c.take_wakeups()
+    world.tokens(first, node, 2)  # tokens free nothing: the queue stays
+    assert world.c.get_job(queued).node_id is None
+    world.c.post_events(node, [JobEvent(first, 2, "done", finish_reason="stop",
+                                        usage=JobUsage(5, 2))], world.now)
+    assert world.c.get_job(queued).node_id == node  # without a lease, submit or tick
+    nodes, _ = world.c.take_wakeups()
+    assert node in nodes  # the node's waiting long poll is woken
+
+
 def test_max_concurrent_jobs_of_the_config_caps_a_node(network_store: Store) -> None:
     world = World(network_store)
     world.c.publish_config(_config_envelope(version=2, max_concurrent=1), world.now)

@@ -107,12 +107,15 @@ class ScriptedNode:
             headers=self.auth())
         return list(body["cancel"])
 
-    async def run(self, lease: dict[str, Any], words: list[str]) -> Any:
+    async def run(self, lease: dict[str, Any], words: list[str], *, receipt: bool = True
+                  ) -> Any:
         job_id = lease["job_id"]
         for seq, word in enumerate(words):
             await self.post(JobEvent(job_id, seq, "token", text=word, token_ids=(seq,)))
         usage = JobUsage(5, len(words))
         await self.post(JobEvent(job_id, len(words), "done", finish_reason="stop", usage=usage))
+        if not receipt:
+            return None
         receipt = Receipt(job_id, self.node_id, lease["model"], canonical_digest(lease["request"]),
                           "sha256:" + "0" * 64, 5, len(words), int(time.time()))
         envelope = sign_receipt(receipt, self.key).to_payload()
@@ -129,7 +132,8 @@ class Deployment:
 
 
 @asynccontextmanager
-async def deployment(**settings: Any) -> AsyncIterator[Deployment]:
+async def deployment(*, tick_interval_s: float = 0.05, **settings: Any
+                     ) -> AsyncIterator[Deployment]:
     coordinator = Coordinator(MemoryStore(), CoordinatorSettings(**settings))
     now = time.time()
     envelope = sign_envelope(example_node_config(now=int(now)).to_payload(), [generate_key()])
@@ -137,7 +141,7 @@ async def deployment(**settings: Any) -> AsyncIterator[Deployment]:
     owner = generate_key()
     coordinator.create_account(now, account_id="bob", public_key=owner.public_key)
     _, alice = coordinator.create_account(now, account_id="alice", initial_credits=100_000)
-    settings = NetworkSettings(port=0, service_token=SERVICE, tick_interval_s=0.05)
+    settings = NetworkSettings(port=0, service_token=SERVICE, tick_interval_s=tick_interval_s)
     async with running_network(settings, coordinator=coordinator) as (server, app):
         yield Deployment(server, app, owner, alice, config_hash)
 
@@ -179,6 +183,58 @@ async def test_cloud_to_node_round_trip_and_settlement() -> None:
             ledger = await http.get_json("/network/v1/accounts/alice/ledger", headers=service)
             kinds = [(e["kind"], e["amount"]) for e in ledger["data"]]
             assert kinds == [("credit", 100_000), ("reserve", -500), ("refund", 499)]
+        finally:
+            await cloud.aclose()
+
+
+async def test_finished_job_streams_leave_no_waiters_and_ends_route_the_queue() -> None:
+    # Regressions: each job's event stream left its waiter in the app's map for good; an
+    # event ending a job did not route the queue, so the node's waiting long poll got the
+    # next job only at the next tick (30 s here).
+    async with deployment(tick_interval_s=30, heartbeat_timeout_s=60) as d, \
+            HTTPClient(d.server.url) as http:
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+        cloud = HTTPNetworkClient(d.server.url, SERVICE)
+        try:
+            account = await cloud.authenticate(d.alice_key)
+            assert account is not None
+            request = {"model": "tiny", "prompt": ["Hi"]}
+            handles = [await cloud.submit(account, JobSubmission(
+                "completion", "tiny", request, 500, 1)) for _ in range(6)]
+            # the node takes 4 at once (its capabilities): two wait in the queue
+            assert [d.app.coordinator.get_job(h.job_id).node_id is None
+                    for h in handles].count(True) == 2
+            leases = await node.lease(1_000)
+            assert len(leases) == 4
+            outputs: list[list[Any]] = []
+
+            async def read(handle: Any) -> None:
+                outputs.append([e async for e in cloud.events(handle)])
+
+            rest: list[dict[str, Any]] = []
+
+            async def poll() -> None:  # waits before the jobs end (re-polls every 20 s)
+                while len(rest) < 2:
+                    rest.extend(await node.lease(20_000))
+
+            async with anyio.create_task_group() as tg:
+                for handle in handles:
+                    tg.start_soon(read, handle)
+                tg.start_soon(poll)
+                await anyio.sleep(0.05)
+                with anyio.fail_after(5):  # well before the 30 s tick or a 20 s re-poll
+                    for lease in leases[:2]:  # (a receipt would route the queue too)
+                        await node.run(lease, ["a"], receipt=False)
+                    while len(rest) < 2:
+                        await anyio.sleep(0.01)
+                    for lease in leases[2:] + rest:
+                        await node.run(lease, ["b", "c"])
+            assert len(outputs) == 6
+            assert all(isinstance(events[-1], DoneEvent) for events in outputs)
+            with anyio.fail_after(2):
+                while d.app._job_waiters:
+                    await anyio.sleep(0.01)
         finally:
             await cloud.aclose()
 
