@@ -303,7 +303,11 @@ class ChallengeResponse(WireMessage):
 
 @attrs.frozen
 class Heartbeat(WireMessage):
-    """Node -> Network: liveness, applied config, runtime version and load."""
+    """Node -> Network: liveness, applied config, runtime version and load.
+
+    ``update_status`` is the node's last software-update outcome in words (``None`` when it
+    has nothing to report), so that a refused or failed update is visible to operators.
+    """
 
     TYPE: ClassVar[str] = "heartbeat"
     FIELDS: ClassVar[tuple[str, ...]] = (
@@ -314,8 +318,9 @@ class Heartbeat(WireMessage):
         "active_jobs",
         "free_slots",
         "status",
+        "update_status",
     )
-    OPTIONAL: ClassVar[Mapping[str, object]] = {"config_hash": None}
+    OPTIONAL: ClassVar[Mapping[str, object]] = {"config_hash": None, "update_status": None}
 
     node_id: str
     seq: int
@@ -324,6 +329,7 @@ class Heartbeat(WireMessage):
     active_jobs: int
     free_slots: int
     status: str
+    update_status: str | None = None
 
     def __attrs_post_init__(self) -> None:
         _str(self.node_id, "node_id")
@@ -334,6 +340,8 @@ class Heartbeat(WireMessage):
         _int(self.active_jobs, "active_jobs")
         _int(self.free_slots, "free_slots")
         _str(self.status, "status", max_len=64)
+        if self.update_status is not None:
+            _str(self.update_status, "update_status", empty=True, max_len=1000)
 
 
 @attrs.frozen

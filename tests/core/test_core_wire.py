@@ -48,6 +48,7 @@ EXAMPLES: list[WireMessage] = [
     JobEvent("job-1", 4, "error", error="runtime crashed"),
     JobEvent("job-1", 1, "token", index=1, text="x", logprobs=({"token": "x", "lp": "-0.5"},)),
     ReceiptSubmit({"signed": {"job_id": "job-1"}, "signatures": [{"keyid": "k", "sig": "s"}]}),
+    Heartbeat("node-1", 9, HASH, "0.1.0", 0, 8, "ready", "release 0.2.0 refused: older"),
 ]
 
 
@@ -109,6 +110,7 @@ def test_unknown_fields_are_ignored_and_optional_fields_default() -> None:
     )
     assert isinstance(heartbeat, Heartbeat)
     assert heartbeat.config_hash is None
+    assert heartbeat.update_status is None  # a node without the updater sends none
 
 
 def _bad(message: WireMessage, **changes: Any) -> dict[str, Any]:
@@ -177,6 +179,8 @@ _REG, _CH, _RESP, _HB, _, _LR, _LEASE, _BATCH, _, _TOK, _DONE = EXAMPLES[:11]
         (_bad(EXAMPLES[12], logprobs=[{"lp": -0.5}]), "logprobs[0].lp"),
         (_bad(EXAMPLES[13], receipt={"signed": 1, "signatures": []}), "receipt.signed"),
         (_bad(EXAMPLES[13], receipt={"signed": {}}), "receipt.signatures"),
+        (_bad(EXAMPLES[14], update_status=7), "update_status"),
+        (_bad(EXAMPLES[14], update_status="x" * 1001), "update_status"),
     ],
 )
 def test_invalid_payload_names_the_field(payload: dict[str, Any], field: str) -> None:
