@@ -122,6 +122,7 @@ class Agent:
         self.outbox = Outbox(transport, self.cancel_job)
         self._wake = anyio.Event()
         self._beat_now = anyio.Event()
+        self._beat_urgent = False
         self._tg: anyio.abc.TaskGroup | None = None
 
     # ---- state -----------------------------------------------------------------------------
@@ -177,8 +178,13 @@ class Agent:
         self._wake.set()
         self._wake = anyio.Event()
         if heartbeat:
-            self._beat_now.set()
-            self._beat_now = anyio.Event()
+            self._beat_urgent = True
+            self._recheck_heartbeat()
+
+    def _recheck_heartbeat(self) -> None:
+        # The heartbeat loop recomputes its interval (busy: 0.5 s from the last beat).
+        self._beat_now.set()
+        self._beat_now = anyio.Event()
 
     # ---- main ------------------------------------------------------------------------------
 
@@ -258,6 +264,7 @@ class Agent:
                  or self.registered_batch != self._offered_batch())
                     and not self.active and not self.outbox and not self._syncing):
                 await self._register()
+            self._beat_urgent = False
             beat = Heartbeat(
                 self.node_id, seq, self.reported_hash, self.version, len(self.active),
                 max(0, self.capacity - len(self.active)) if self.can_lease() else 0,
@@ -283,15 +290,19 @@ class Agent:
                 self._syncing = True
                 assert self._tg is not None
                 self._tg.start_soon(self._sync, target)
-            interval = self._heartbeat_interval()
-            with anyio.move_on_after(interval):
-                await self._beat_now.wait()
+            last = anyio.current_time()
+            while not self._beat_urgent:
+                left = last + self._heartbeat_interval() - anyio.current_time()
+                if left <= 0:
+                    break
+                event = self._beat_now
+                with anyio.move_on_after(left):
+                    await event.wait()
 
     def _heartbeat_interval(self) -> float:
-        if self.active:
-            return _BUSY_HEARTBEAT_S
         config = self.config
-        return config.network.heartbeat_interval_ms / 1000 if config else 1.0
+        idle = config.network.heartbeat_interval_ms / 1000 if config else 1.0
+        return min(idle, _BUSY_HEARTBEAT_S) if self.active else idle
 
     # ---- config ----------------------------------------------------------------------------
 
@@ -355,7 +366,9 @@ class Agent:
                 with anyio.move_on_after(_HANDOFF_WAIT_S):
                     for job in jobs:
                         await job.handed.wait()
-                self.wake(heartbeat=True)  # busy now: heartbeats (and cancels) every 0.5 s
+                # Busy now: heartbeats (and cancels) every 0.5 s from the last one; not one
+                # per lease (under load that was a heartbeat request per job).
+                self._recheck_heartbeat()
 
     async def _run_job(self, job: ActiveJob) -> None:
         # The job keeps the Runtime it started on: a switch to a new version or update

