@@ -22,6 +22,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
@@ -86,6 +87,8 @@ class NetworkApp(CloudRoutes):
         self.closing = False
         self._node_waiters: dict[str, anyio.Event] = {}
         self._job_waiters: dict[str, anyio.Event] = {}
+        # each node's last reported update outcome (from its heartbeats), for operators
+        self.update_statuses: dict[str, dict[str, Any]] = {}
         self.router = Router()
         routes: list[tuple[str, str, Callable[[Request], Awaitable[Reply]]]] = [
             ("POST", "/nodes/register", self.register),
@@ -206,6 +209,10 @@ class NetworkApp(CloudRoutes):
         node_id = self._node(request)
         beat = Heartbeat.from_payload(json_object(request))
         reply = self.coordinator.heartbeat(node_id, beat, self.clock())
+        if beat.update_status is not None:
+            self.update_statuses[node_id] = {"version": beat.runtime_version,
+                                             "update_status": beat.update_status,
+                                             "at": self.clock()}
         return Response.json(reply.to_payload())
 
     async def lease(self, request: Request) -> Reply:

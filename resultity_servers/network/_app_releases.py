@@ -7,18 +7,16 @@ Operator routes (service token):
 - ``POST /network/v1/releases`` signed Release envelope -> ``{"release_hash", "version"}``
 - ``POST /network/v1/roots`` signed root N+1 envelope -> ``{"version"}``
 - ``GET  /network/v1/releases/nodes`` -> what each node last reported about its updates
+  (the ``update_status`` of its heartbeats)
 
 Node routes (node session token, like every other node route):
 
 - ``GET /network/v1/nodes/release?root_version=N`` -> ``{"roots": [root envelopes newer than
   N], "release": the current Release envelope or null}``
 - ``GET /network/v1/nodes/artifacts/{address}`` -> the artifact bytes (404 unknown)
-- ``POST /network/v1/nodes/update-status`` ``{"node_id", "version", "update_status"}``
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import attrs
 
@@ -26,8 +24,7 @@ from resultity_core import InvalidRequestError
 from resultity_servers._http import Request, Response
 
 from ._app import NetworkApp
-from ._errors import NodeAuthError
-from ._http_util import PREFIX, Reply, error_response, json_object
+from ._http_util import PREFIX, Reply, error_response
 from ._releases import ReleaseDesk
 
 __all__ = ["ReleaseRoutes", "attach_releases", "release_routes"]
@@ -39,7 +36,7 @@ class ReleaseRoutes:
     def __init__(self, app: NetworkApp, desk: ReleaseDesk) -> None:
         self.app = app
         self.desk = desk
-        self.statuses: dict[str, dict[str, Any]] = {}
+        self.statuses = app.update_statuses  # filled by the heartbeat route
 
     async def put_artifact(self, request: Request) -> Reply:
         address = self.desk.put_artifact(request.path_params["address"], request.body)
@@ -81,18 +78,6 @@ class ReleaseRoutes:
             return error_response(404, "no artifact with this address", "unknown_artifact")
         return Response(200, (("content-type", "application/octet-stream"),), data)
 
-    async def node_update_status(self, request: Request) -> Reply:
-        node_id = self.app._node(request)
-        body = json_object(request)
-        if body.get("node_id") != node_id:
-            raise NodeAuthError("update-status node_id does not match the session")
-        version, status = body.get("version"), body.get("update_status")
-        if not isinstance(version, str) or not isinstance(status, str) \
-                or len(version) > 64 or len(status) > 1000:
-            raise InvalidRequestError("version and update_status must be short strings")
-        self.statuses[node_id] = {"version": version, "update_status": status,
-                                  "at": self.app.clock()}
-        return Response.json({"ok": True})
 
 
 def attach_releases(app: NetworkApp, desk: ReleaseDesk) -> ReleaseRoutes:
@@ -105,7 +90,6 @@ def attach_releases(app: NetworkApp, desk: ReleaseDesk) -> ReleaseRoutes:
         ("GET", "/releases/nodes", app._service(routes.node_statuses)),
         ("GET", "/nodes/release", routes.node_release),
         ("GET", "/nodes/artifacts/{address}", routes.node_artifact),
-        ("POST", "/nodes/update-status", routes.node_update_status),
     ]
     for method, path, handler in table:
         app.router.add(method, PREFIX + path, app._guard(handler))

@@ -269,6 +269,7 @@ class Agent:
                 self.node_id, seq, self.reported_hash, self.version, len(self.active),
                 max(0, self.capacity - len(self.active)) if self.can_lease() else 0,
                 "ready" if self.can_lease() else "syncing",
+                update_status=self.updater.status if self.updater is not None else None,
             )
             try:
                 answer = await self.transport.heartbeat(beat)

@@ -61,7 +61,6 @@ NODE_ROUTES: Mapping[str, str] = {
     "receipts": "/network/v1/nodes/receipts",
     "release": "/network/v1/nodes/release",
     "artifact": "/network/v1/nodes/artifacts/{address}",
-    "update_status": "/network/v1/nodes/update-status",
 }
 
 
@@ -235,11 +234,6 @@ class HTTPNetworkTransport:
         assert isinstance(data, bytes)
         return data
 
-    async def report_update(self, node_id: str, version: str, status: str) -> None:
-        """See ReleaseTransport."""
-        await self._call("POST", "update_status", {"node_id": node_id, "version": version,
-                                                   "update_status": status[:1000]})
-
 
 class ReleaseTransport(Protocol):
     """What the Agent's updater needs from the Network (``HTTPNetworkTransport`` has it)."""
@@ -251,10 +245,6 @@ class ReleaseTransport(Protocol):
 
     async def fetch_artifact(self, address: str) -> bytes:
         """Return the bytes of the artifact stored at ``address`` (``sha256:<hex>``)."""
-        ...
-
-    async def report_update(self, node_id: str, version: str, status: str) -> None:
-        """Tell the Network the node's version and the outcome of its last update."""
         ...
 
 

@@ -19,7 +19,7 @@ Every ``interval_s`` (and once at start) ``Updater.check_once``:
    and reports the outcome to the Network.
 
 Any failure leaves the previous version serving; the reason is kept in ``status`` (reported
-to the Network with ``report_update`` and shown in ``Agent.status()``) and that release is
+to the Network in the Agent's heartbeats and shown in ``Agent.status()``) and that release is
 not tried again (a newer one is). Transport failures are retried at the next check.
 
 The Agent's own code: the Runtime switch happens in process; the Agent process keeps running
@@ -192,14 +192,10 @@ class Updater:
         self.status = status
 
     async def _report(self) -> None:
-        if self._reported == self.status:
-            return
-        try:
-            await self.transport.report_update(self.agent.node_id, self.agent.version,
-                                               self.status)
+        # the heartbeat carries ``status``; a new outcome asks for a beat now
+        if self._reported != self.status:
             self._reported = self.status
-        except TransportError as exc:
-            log.warning("cannot report the update status: %s", exc)
+            self.agent.wake(heartbeat=True)
 
 
 def _root_version(item: object) -> int:
