@@ -231,8 +231,22 @@ class NetworkApp(CloudRoutes):
             remaining = deadline - anyio.current_time()
             if batch.leases or remaining <= 0 or self.closing:
                 break
-            with anyio.move_on_after(min(remaining, slice_s)):
-                await wakeup.wait()
+            # Parked: a job submitted meanwhile for this node is leased to this poll by the
+            # submit itself, so the wake-up answers at once, without a lease pass.
+            parked = self.coordinator.park_lease(node_id, message.max_jobs)
+            try:
+                with anyio.move_on_after(min(remaining, slice_s)):
+                    await wakeup.wait()
+            except BaseException:
+                handed = self.coordinator.unpark_lease(parked)
+                if handed.leases:
+                    self.coordinator.return_leases(
+                        node_id, [x.job_id for x in handed.leases], self.clock())
+                    self.wake()
+                raise
+            batch = self.coordinator.unpark_lease(parked)
+            if batch.leases:
+                break
         if batch.leases and request.is_disconnected():
             self.coordinator.return_leases(node_id, [x.job_id for x in batch.leases],
                                            self.clock())

@@ -19,6 +19,7 @@ from resultity_core import (
     JobEvent,
     JobState,
     JobUsage,
+    Lease,
     NodeConfig,
     NodeState,
     apply_job_action,
@@ -30,7 +31,7 @@ from ._records import JobRecord, NodeRecord
 from ._settings import CoordinatorSettings
 from ._store import ACTIVE_JOB_STATES, Store, StoreTx
 
-__all__ = ["TERMINAL", "DeskBase", "JobStream", "n_choices"]
+__all__ = ["TERMINAL", "DeskBase", "JobStream", "ParkedLease", "n_choices"]
 
 TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 
@@ -59,6 +60,15 @@ class JobStream:
         self.events.append(attrs.evolve(event, seq=len(self.events)))
 
 
+class ParkedLease:
+    """A node's lease long poll waiting for work, and the leases handed to it meanwhile."""
+
+    def __init__(self, node_id: str, max_jobs: int) -> None:
+        self.node_id = node_id
+        self.max_jobs = max_jobs
+        self.leases: list[Lease] = []
+
+
 def n_choices(request: Mapping[str, Any]) -> int:
     """Return the request's ``n`` (``sampling.n`` in the lease form) when it is a positive
     integer, else 1."""
@@ -78,6 +88,9 @@ class DeskBase:
         self._pending_cancels: dict[str, set[str]] = {}
         self._woken_nodes: set[str] = set()
         self._woken_jobs: set[str] = set()
+        # Lease long polls waiting for work, per node: a submitted job is leased to one of
+        # them in the submit's own transaction (see ``JobDesk.park_lease``).
+        self._parked: dict[str, list[ParkedLease]] = {}
         # Signs of life (heartbeats, lease polls, event posts): kept in memory so that they
         # cost no disk write; a heartbeat writes ``last_heartbeat`` only now and then.
         self._last_seen: dict[str, float] = {}

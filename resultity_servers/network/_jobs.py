@@ -36,7 +36,7 @@ from resultity_core import (
     no_capacity,
 )
 
-from ._desk import TERMINAL, DeskBase, JobStream, n_choices
+from ._desk import TERMINAL, DeskBase, JobStream, ParkedLease, n_choices
 from ._errors import JobStateError, UnknownJobError
 from ._money import job_cost, ledger_reserve
 from ._records import JobRecord
@@ -128,9 +128,54 @@ class JobDesk(DeskBase):
             ))
             self._dispatch(tx, nodes)
             job = tx.get_job(job_id)
-        assert job is not None
-        self._streams[job_id] = JobStream(account_id)
+            assert job is not None
+            self._streams[job_id] = JobStream(account_id)
+            if job.node_id is not None:
+                job = self._hand_to_parked(tx, job, now)
         return job
+
+    def park_lease(self, node_id: str, max_jobs: int) -> ParkedLease:
+        """Register a lease long poll of ``node_id`` that found no work; returns its handle.
+
+        Until ``unpark_lease``, a job submitted and routed to that node is leased in the
+        submit's own transaction and added to the handle's ``leases`` (at most ``max_jobs``),
+        so the woken poll answers without a lease pass of its own.
+        """
+        parked = ParkedLease(node_id, max_jobs)
+        self._parked.setdefault(node_id, []).append(parked)
+        return parked
+
+    def unpark_lease(self, parked: ParkedLease) -> LeaseBatch:
+        """Stop handing jobs to ``parked``; returns the leases it was handed (maybe none).
+
+        The caller answers the node with them, or puts them back with ``return_leases``.
+        """
+        polls = self._parked.get(parked.node_id)
+        if polls is not None and parked in polls:
+            polls.remove(parked)
+            if not polls:
+                del self._parked[parked.node_id]
+        leases, parked.leases = tuple(parked.leases), []
+        return LeaseBatch(leases)
+
+    def _hand_to_parked(self, tx: StoreTx, job: JobRecord, now: float) -> JobRecord:
+        """Lease a just-queued ``job`` to a parked poll of the node it was routed to, if one
+        has room; returns the job as it now is."""
+        for parked in self._parked.get(job.node_id or "", ()):
+            if len(parked.leases) < parked.max_jobs:
+                self._last_seen[parked.node_id] = now
+                job, lease = self._lease_job(tx, job, now + self.settings.job_timeout_s)
+                parked.leases.append(lease)
+                break
+        return job
+
+    def _lease_job(self, tx: StoreTx, queued: JobRecord, deadline: float) -> tuple[
+            JobRecord, Lease]:
+        job = attrs.evolve(queued, state=apply_job_action(queued.state, JobAction.LEASE),
+                           attempts=queued.attempts + 1, deadline=deadline)
+        tx.update_job(job)
+        self._stream(job).reset()
+        return job, Lease(job.job_id, job.model, dict(job.request), int(deadline * 1000))
 
     def lease(self, node_id: str, max_jobs: int, now: float) -> LeaseBatch:
         """Lease up to ``max_jobs`` jobs assigned to a ready node; returns them (maybe none).
@@ -146,12 +191,7 @@ class JobDesk(DeskBase):
             self._dispatch(tx)
             deadline = now + self.settings.job_timeout_s
             for queued in tx.list_jobs([JobState.QUEUED], node_id=node_id, limit=max_jobs):
-                job = attrs.evolve(queued, state=apply_job_action(queued.state, JobAction.LEASE),
-                                   attempts=queued.attempts + 1, deadline=deadline)
-                tx.update_job(job)
-                self._stream(job).reset()
-                leases.append(Lease(job.job_id, job.model, dict(job.request),
-                                    int(deadline * 1000)))
+                leases.append(self._lease_job(tx, queued, deadline)[1])
         return LeaseBatch(tuple(leases))
 
     def return_leases(self, node_id: str, job_ids: Iterable[str], now: float) -> None:

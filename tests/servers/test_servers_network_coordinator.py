@@ -453,6 +453,40 @@ def test_leases_that_never_reached_the_node_go_back_uncounted(world: World) -> N
     assert world.c.get_job(job_id).attempts == 1
 
 
+def test_a_submitted_job_is_leased_to_a_parked_poll_in_the_submit(world: World) -> None:
+    node = world.admit(max_batch=4)
+    parked = world.c.park_lease(node, 1)  # a long poll that found nothing, max_jobs 1
+    first, second = world.submit(), world.submit()
+    job = world.c.get_job(first)
+    assert (job.state, job.attempts, job.node_id) == (JobState.LEASED, 1, node)
+    assert job.deadline is not None
+    # max_jobs reached: the second job stays queued for the node's next lease.
+    assert (world.c.get_job(second).state, world.c.get_job(second).node_id) == (
+        JobState.QUEUED, node)
+    nodes, _ = world.c.take_wakeups()
+    assert node in nodes  # the poll is woken
+    handed = world.c.unpark_lease(parked)
+    assert [x.job_id for x in handed.leases] == [first]
+    assert handed.leases[0].request == {"kind": "completion", "prompt": "hi"}
+    assert world.c.unpark_lease(parked).leases == ()  # handed once
+    third = world.submit()  # unparked: queued, leased by the next poll
+    assert world.c.get_job(third).state == JobState.QUEUED
+    assert sorted(x.job_id for x in world.c.lease(node, 8, world.now).leases) == sorted(
+        [second, third])
+
+
+def test_leases_handed_to_a_poll_that_went_away_go_back(world: World) -> None:
+    node = world.admit()
+    parked = world.c.park_lease(node, 4)
+    job_id = world.submit()
+    [lease] = world.c.unpark_lease(parked).leases
+    assert world.c.get_job(job_id).state == JobState.LEASED
+    world.c.return_leases(node, [lease.job_id], world.now)
+    job = world.c.get_job(job_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+    assert [x.job_id for x in world.c.lease(node, 4, world.now).leases] == [job_id]
+
+
 def test_requeue_stops_after_max_attempts(network_store: Store) -> None:
     world = World(network_store, max_attempts=1)
     node = world.admit()

@@ -187,6 +187,38 @@ async def test_cloud_to_node_round_trip_and_settlement() -> None:
             await cloud.aclose()
 
 
+async def test_a_waiting_lease_poll_takes_a_submitted_job_without_a_lease_pass() -> None:
+    async with deployment(tick_interval_s=60.0) as d, HTTPClient(d.server.url) as http:
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+        coordinator = d.app.coordinator
+        passes: list[str] = []
+        real_lease = coordinator.lease
+
+        def counted(node_id: str, max_jobs: int, now: float) -> Any:
+            passes.append(node_id)
+            return real_lease(node_id, max_jobs, now)
+
+        coordinator.lease = counted  # type: ignore[method-assign]
+        service = {"authorization": f"Bearer {SERVICE}"}
+        leases: list[dict[str, Any]] = []
+
+        async def poll() -> None:
+            leases.extend(await node.lease(5_000))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poll)
+            await anyio.sleep(0.1)  # the poll found nothing and waits
+            assert passes == [node.node_id]
+            job = await http.post_json("/network/v1/jobs", {
+                "account_id": "alice", "model": "tiny", "max_tokens": 4,
+                "request": {"kind": "completion", "prompt": "hi"}}, headers=service)
+            assert job["state"] == "leased"  # leased by the submit itself
+        assert [x["job_id"] for x in leases] == [job["job_id"]]
+        assert passes == [node.node_id]  # the woken poll made no second lease pass
+        assert coordinator._parked == {}
+
+
 async def test_finished_job_streams_leave_no_waiters_and_ends_route_the_queue() -> None:
     # Regressions: each job's event stream left its waiter in the app's map for good; an
     # event ending a job did not route the queue, so the node's waiting long poll got the
