@@ -10,8 +10,11 @@ Every request carries ``Authorization: Bearer <service token>``. Routes (``ROUTE
 - ``GET /network/v1/status`` -> ``{"nodes_live", "nodes_ready", "queue_depth"?,
   "jobs_in_flight"?}``
 - ``POST /network/v1/jobs`` ``{"account_id", "kind", "model", "request", "reserve",
-  "choices", "prompt_tokens_estimate", "max_tokens"}`` -> ``{"job_id"}``; errors as OpenAI
-  error bodies with their status
+  "choices", "prompt_tokens_estimate", "max_tokens", "stream": true}`` -> the job's SSE
+  events (as below) with its id in the ``x-job-id`` header; errors as OpenAI error bodies
+  with their status. ``submit`` sends this and keeps the stream open for ``events``: one
+  round trip per job instead of two. A Network that answers JSON ``{"job_id"}`` instead
+  (no ``stream`` support) is followed with the GET below.
 - ``GET /network/v1/jobs/{job_id}/events`` -> SSE, one core ``JobEvent`` payload per event
 - ``POST /network/v1/jobs/{job_id}/cancel``
 
@@ -21,9 +24,12 @@ Failures to reach the Network become ``NoCapacityError`` (503): the user can ret
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import AsyncExitStack
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+import anyio
 
 from resultity_core import (
     ERROR_KINDS,
@@ -41,7 +47,12 @@ from resultity_core import (
     no_capacity,
 )
 from resultity_core import JobEvent as WireJobEvent
-from resultity_servers._http import ClientResponse, HTTPClient, HTTPClientError
+from resultity_servers._http import (
+    ClientResponse,
+    HTTPClient,
+    HTTPClientError,
+    StreamingClientResponse,
+)
 
 from ._network import (
     Account,
@@ -67,6 +78,9 @@ ROUTES: Mapping[str, str] = {
     "events": "/network/v1/jobs/{job_id}/events",
     "cancel": "/network/v1/jobs/{job_id}/cancel",
 }
+
+JOB_ID_HEADER = "x-job-id"
+"""The header naming the job of a submit answered with its event stream."""
 
 DEFAULT_CONTEXT = 4096
 """Context length assumed for a model the Network lists without one."""
@@ -204,6 +218,8 @@ class HTTPNetworkClient:
             headers={"authorization": f"Bearer {service_token}"},
             timeout_s=timeout_s,
         )
+        # Event streams opened by ``submit`` and not yet taken by ``events``, by job id.
+        self._open: dict[str, tuple[AsyncExitStack, StreamingClientResponse]] = {}
 
     async def _call(self, method: str, path: str, payload: Any = None) -> ClientResponse:
         try:
@@ -261,7 +277,11 @@ class HTTPNetworkClient:
             raise network_unavailable("network sent a malformed status") from None
 
     async def submit(self, account: Account, job: JobSubmission) -> JobHandle:
-        """Queue the job; raises the Network's 400/402/404/503 as OpenAI errors."""
+        """Queue the job; raises the Network's 400/402/404/503 as OpenAI errors.
+
+        The Network answers with the job's event stream, kept open for ``events`` (or for
+        ``cancel`` / ``aclose`` to close): the caller must follow the handle with one of them.
+        """
         payload = {
             "account_id": account.account_id,
             "kind": job.kind,
@@ -271,18 +291,50 @@ class HTTPNetworkClient:
             "choices": job.choices,
             "prompt_tokens_estimate": job.prompt_tokens_estimate,
             "max_tokens": job.max_tokens,
+            "stream": True,
         }
-        body = self._json(await self._call("POST", ROUTES["submit"], payload))
-        job_id = body.get("job_id") if isinstance(body, dict) else None
-        if not isinstance(job_id, str) or not job_id:
-            raise network_unavailable("network sent no job id")
+        stack = AsyncExitStack()
+        try:
+            response = await stack.enter_async_context(
+                self.http.stream("POST", ROUTES["submit"], json=payload, timeout_s=None))
+            job_id = response.header(JOB_ID_HEADER)
+            if not 200 <= response.status < 300 or not job_id:
+                # A refusal, or a Network without the streamed form: a JSON body.
+                body = self._json(ClientResponse(response.status, response.headers,
+                                                 await response.aread(), response.url))
+                job_id = body.get("job_id") if isinstance(body, dict) else None
+                await _close(stack)
+                if not isinstance(job_id, str) or not job_id:
+                    raise network_unavailable("network sent no job id")
+                return JobHandle(job_id, job.model)
+        except HTTPClientError as exc:
+            await _close(stack)
+            raise network_unavailable(str(exc)) from exc
+        except BaseException:
+            await _close(stack)
+            raise
+        self._open[job_id] = (stack, response)
         return JobHandle(job_id, job.model)
 
-    async def events(self, job: JobHandle) -> AsyncIterator[JobEvent]:
-        """Yield the job's events from the Network's SSE stream (closing it closes the stream)."""
-        path = ROUTES["events"].format(job_id=job.job_id)
+    def events(self, job: JobHandle) -> AsyncIterator[JobEvent]:
+        """Return the job's events from the Network's SSE stream: the one ``submit`` opened,
+        else a new ``GET``. Closing the iterator closes the stream (also before the first
+        event is read)."""
+        opened = self._open.pop(job.job_id, None)
+        return _Events(self._follow(job, opened), None if opened is None else opened[0])
+
+    async def _follow(
+        self, job: JobHandle, opened: tuple[AsyncExitStack, StreamingClientResponse] | None
+    ) -> AsyncGenerator[JobEvent, None]:
         try:
-            async with self.http.stream("GET", path, timeout_s=None) as response:
+            async with AsyncExitStack() as stack:
+                if opened is not None:
+                    response = opened[1]
+                    await stack.enter_async_context(opened[0])
+                else:
+                    path = ROUTES["events"].format(job_id=job.job_id)
+                    response = await stack.enter_async_context(
+                        self.http.stream("GET", path, timeout_s=None))
                 if response.status != 200:
                     await response.aread()
                     raise network_unavailable(
@@ -312,11 +364,44 @@ class HTTPNetworkClient:
 
     async def cancel(self, job: JobHandle) -> None:
         """Ask the Network to abort the job (a 404 for a finished job is fine)."""
+        opened = self._open.pop(job.job_id, None)
+        if opened is not None:
+            await _close(opened[0])  # the Network cancels a job whose stream closes
         path = ROUTES["cancel"].format(job_id=job.job_id)
         response = await self._call("POST", path, {})
         if response.status >= 500:
             raise error_from_response(response.status, response.body)
 
     async def aclose(self) -> None:
-        """Close pooled connections."""
+        """Close pooled connections (and the streams of jobs nobody followed)."""
+        opened, self._open = self._open, {}
+        for stack, _ in opened.values():
+            await _close(stack)
         await self.http.aclose()
+
+
+async def _close(stack: AsyncExitStack) -> None:
+    with anyio.CancelScope(shield=True):
+        await stack.aclose()
+
+
+class _Events:
+    """A job's events; ``aclose`` also closes a stream the generator never started on."""
+
+    def __init__(self, events: AsyncGenerator[JobEvent, None],
+                 opened: AsyncExitStack | None) -> None:
+        self._events = events
+        self._opened = opened
+
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._events.aclose()
+        finally:
+            if self._opened is not None:
+                await _close(self._opened)  # a no-op once the generator has closed it

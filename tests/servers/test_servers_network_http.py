@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
 import sys
 import time
@@ -301,6 +302,69 @@ async def test_closing_the_event_stream_cancels_the_job_on_the_node() -> None:
             assert job.charge == 1  # one streamed token at 200 per 1k, rounded up
         finally:
             await cloud.aclose()
+
+
+async def test_submit_answered_with_the_event_stream() -> None:
+    async with deployment() as d, HTTPClient(d.server.url) as http:
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+        service = {"authorization": f"Bearer {SERVICE}"}
+        job = {"account_id": "alice", "model": "tiny", "max_tokens": 4, "stream": True,
+               "request": {"kind": "completion", "prompt": "hi"}}
+        # Refusals stay JSON errors with their status.
+        for change, status in (({"reserve": 10**9}, 402), ({"stream": "yes"}, 400),
+                               ({"model": "nope"}, 404)):
+            r = await http.request("POST", "/network/v1/jobs", json={**job, **change},
+                                   headers=service)
+            assert r.status == status
+            assert "error" in r.json()
+        async with http.stream("POST", "/network/v1/jobs", json=job, headers=service) as r:
+            assert r.status == 200
+            assert (r.header("content-type") or "").startswith("text/event-stream")
+            job_id = r.header("x-job-id")
+            assert job_id is not None
+            assert job_id.startswith("job-")
+            [lease] = await node.lease(1_000)
+            assert lease["job_id"] == job_id
+            await node.run(lease, ["Hel", "lo"], receipt=False)
+            got = [sse.data async for sse in r.aiter_sse()]
+        assert [json.loads(x)["kind"] for x in got[:-1]] == ["token", "token", "done"]
+        assert got[-1] == "[DONE]"
+        assert str(d.app.coordinator.get_job(job_id).state) == "done"
+        # Closing the stream before the job ends cancels it (here: still queued).
+        async with http.stream("POST", "/network/v1/jobs", json=job, headers=service) as r:
+            job_id = r.header("x-job-id")
+            assert job_id is not None
+        with anyio.fail_after(5):
+            while str(d.app.coordinator.get_job(job_id).state) != "cancelled":
+                await anyio.sleep(0.01)
+
+
+async def test_cloud_client_closes_a_submitted_stream_it_never_read() -> None:
+    async with deployment() as d:
+        cloud = HTTPNetworkClient(d.server.url, SERVICE)
+        try:
+            async with HTTPClient(d.server.url) as http:
+                node = ScriptedNode(http, generate_key())
+                await node.admit(d.owner, d.config_hash)
+            account = await cloud.authenticate(d.alice_key)
+            assert account is not None
+            submission = JobSubmission("completion", "tiny", {"prompt": ["x"]}, 500, 1)
+            first, second, third = [await cloud.submit(account, submission) for _ in range(3)]
+            assert set(cloud._open) == {first.job_id, second.job_id, third.job_id}
+            await cloud.events(first).aclose()  # closed before its first event
+            await cloud.cancel(second)
+            assert set(cloud._open) == {third.job_id}
+            with anyio.fail_after(5):
+                while {str(d.app.coordinator.get_job(h.job_id).state)
+                       for h in (first, second)} != {"cancelled"}:
+                    await anyio.sleep(0.01)
+        finally:
+            await cloud.aclose()
+        assert cloud._open == {}
+        with anyio.fail_after(5):  # aclose closed the third job's stream: cancelled too
+            while str(d.app.coordinator.get_job(third.job_id).state) != "cancelled":
+                await anyio.sleep(0.01)
 
 
 async def test_auth_and_refusals() -> None:
