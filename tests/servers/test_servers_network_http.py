@@ -147,6 +147,22 @@ async def deployment(*, tick_interval_s: float = 0.05, **settings: Any
         yield Deployment(server, app, owner, alice, config_hash)
 
 
+@asynccontextmanager
+async def node_and_cloud(
+    d: Deployment, http: HTTPClient
+) -> AsyncIterator[tuple[ScriptedNode, HTTPNetworkClient, Account]]:
+    """An admitted scripted node and the Cloud's client authenticated with alice's key."""
+    node = ScriptedNode(http, generate_key())
+    await node.admit(d.owner, d.config_hash)
+    cloud = HTTPNetworkClient(d.server.url, SERVICE)
+    try:
+        account = await cloud.authenticate(d.alice_key)
+        assert account is not None
+        yield node, cloud, account
+    finally:
+        await cloud.aclose()
+
+
 async def test_cloud_to_node_round_trip_and_settlement() -> None:
     async with deployment() as d, HTTPClient(d.server.url) as http:
         node = ScriptedNode(http, generate_key())
@@ -226,12 +242,7 @@ async def test_finished_job_streams_leave_no_waiters_and_ends_route_the_queue() 
     # next job only at the next tick (30 s here).
     async with deployment(tick_interval_s=30, heartbeat_timeout_s=60) as d, \
             HTTPClient(d.server.url) as http:
-        node = ScriptedNode(http, generate_key())
-        await node.admit(d.owner, d.config_hash)
-        cloud = HTTPNetworkClient(d.server.url, SERVICE)
-        try:
-            account = await cloud.authenticate(d.alice_key)
-            assert account is not None
+        async with node_and_cloud(d, http) as (node, cloud, account):
             request = {"model": "tiny", "prompt": ["Hi"]}
             handles = [await cloud.submit(account, JobSubmission(
                 "completion", "tiny", request, 500, 1)) for _ in range(6)]
@@ -268,18 +279,11 @@ async def test_finished_job_streams_leave_no_waiters_and_ends_route_the_queue() 
             with anyio.fail_after(2):
                 while d.app._job_waiters:
                     await anyio.sleep(0.01)
-        finally:
-            await cloud.aclose()
 
 
 async def test_closing_the_event_stream_cancels_the_job_on_the_node() -> None:
     async with deployment() as d, HTTPClient(d.server.url) as http:
-        node = ScriptedNode(http, generate_key())
-        await node.admit(d.owner, d.config_hash)
-        cloud = HTTPNetworkClient(d.server.url, SERVICE)
-        try:
-            account = await cloud.authenticate(d.alice_key)
-            assert account is not None
+        async with node_and_cloud(d, http) as (node, cloud, account):
             handle = await cloud.submit(account, JobSubmission(
                 "completion", "tiny", {"model": "tiny", "prompt": ["x"]}, 500, 1))
             [lease] = await node.lease(1_000)
@@ -300,8 +304,6 @@ async def test_closing_the_event_stream_cancels_the_job_on_the_node() -> None:
             job = d.app.coordinator.get_job(handle.job_id)
             assert str(job.state) == "cancelled"
             assert job.charge == 1  # one streamed token at 200 per 1k, rounded up
-        finally:
-            await cloud.aclose()
 
 
 async def test_submit_answered_with_the_event_stream() -> None:
@@ -438,12 +440,7 @@ def test_decimalize_turns_floats_into_decimal_text() -> None:
 
 async def test_events_before_an_error_and_unknown_job() -> None:
     async with deployment() as d, HTTPClient(d.server.url) as http:
-        node = ScriptedNode(http, generate_key())
-        await node.admit(d.owner, d.config_hash)
-        cloud = HTTPNetworkClient(d.server.url, SERVICE)
-        try:
-            account = await cloud.authenticate(d.alice_key)
-            assert account is not None
+        async with node_and_cloud(d, http) as (node, cloud, account):
             handle = await cloud.submit(account, JobSubmission(
                 "completion", "tiny", {"model": "tiny", "prompt": ["x"]}, 500, 1))
             await node.lease(1_000)
@@ -457,8 +454,6 @@ async def test_events_before_an_error_and_unknown_job() -> None:
                 "GET", "/network/v1/jobs/job-nope/events",
                 headers={"authorization": f"Bearer {SERVICE}"})
             assert response.status == 404
-        finally:
-            await cloud.aclose()
 
 
 async def test_serve_network_restart_keeps_accounts_and_credits(tmp_path: Path) -> None:
@@ -562,12 +557,8 @@ async def test_node_protocol_errors_over_http() -> None:
 
 async def test_no_node_in_time_reaches_the_cloud_as_no_capacity() -> None:
     async with deployment(queue_timeout_s=0.3) as d, HTTPClient(d.server.url) as http:
-        node = ScriptedNode(http, generate_key())
-        await node.admit(d.owner, d.config_hash)  # admitted, but it never leases
-        cloud = HTTPNetworkClient(d.server.url, SERVICE)
-        try:
-            account = await cloud.authenticate(d.alice_key)
-            assert account is not None
+        # the node is admitted but never leases
+        async with node_and_cloud(d, http) as (_node, cloud, account):
             handle = await cloud.submit(account, JobSubmission(
                 "completion", "tiny", {"model": "tiny", "prompt": ["x"]}, 500, 1))
             with anyio.fail_after(5):
@@ -578,8 +569,6 @@ async def test_no_node_in_time_reaches_the_cloud_as_no_capacity() -> None:
             assert "no node could take the job" in event.error.message
             balance = d.app.coordinator.account_balance("alice")
             assert (balance.balance, balance.reserved) == (100_000, 0)
-        finally:
-            await cloud.aclose()
 
 
 async def test_admin_client_manages_accounts_and_config() -> None:
