@@ -57,24 +57,24 @@ def serve_uvicorn() -> None:
 
     import uvicorn
 
-    body = json.dumps(MODELS, separators=(",", ":")).encode()
-
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
+        # The same work and bytes as ours: JSON encoded per request, content-length framing.
+        body = json.dumps(MODELS, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    sock = socket.socket()
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP
+    # (with proto 0 uvicorn's separate head and body writes would wait for delayed ACKs).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
     print(sock.getsockname()[1], flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, http="h11")
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, http="h11", lifespan="off"
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -144,6 +144,21 @@ async def _load(port: int, clients: int, seconds: float, pid: int) -> dict[str, 
     raise AssertionError("unreachable")
 
 
+def _wait_accepting(port: int, child: subprocess.Popen[str], timeout_s: float = 30.0) -> None:
+    """Return once the child accepts connections on ``port`` (uvicorn prints it earlier)."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server on port {port} never accepted a connection") from None
+            time.sleep(0.02)
+
+
 def measure(kind: str, clients: int, seconds: float) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
     child = subprocess.Popen(
@@ -155,6 +170,7 @@ def measure(kind: str, clients: int, seconds: float) -> dict[str, float]:
     try:
         assert child.stdout is not None
         port = int(child.stdout.readline())
+        _wait_accepting(port, child)
         return anyio.run(_load, port, clients, seconds, child.pid)
     finally:
         child.terminate()
