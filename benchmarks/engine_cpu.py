@@ -1,7 +1,12 @@
 """Engine throughput and latency on CPU, on the ``small`` preset (about 100M parameters).
 
 Run: ``python benchmarks/engine_cpu.py [--model DIR] [--tokens 64] [--threads N] [--clock cpu]
-[--dtypes float32,bfloat16] [--skip-hf]``
+[--dtypes float32,bfloat16,int4] [--skip-hf] [--skip-quality]``
+
+``int4`` is the engine in bfloat16 with ``quantization="int4"`` (4-bit weights in groups of
+32, see resultity_runtime/_quant.py): not numerically the checkpoint, so the run also prints
+its quality on the trained demo model (greedy answers to the 98 held-out questions identical
+to float32's, and the answers holding the expected keyword) next to bfloat16's.
 
 The model directory is created with ``init_model_dir`` (preset small, seed 0) under
 ``~/.cache/resultity/models/small-seed0`` unless it exists. Figures, per dtype, in one run:
@@ -158,13 +163,14 @@ def _load() -> str:
 
 
 def measure_engine(
-    model: Path, dtype: str, tokens: int, prompt_len: int, runs: int
+    model: Path, variant: str, tokens: int, prompt_len: int, runs: int
 ) -> tuple[dict[str, tuple[float, str]], list[int]]:
     """Returns ({measure: (value, load average when taken)}, the prompt's token ids)."""
     t0 = _now()
     # the step budget (512 tokens) bounds activation memory whatever the number of requests
-    engine = Engine.from_pretrained(model, device="cpu", dtype=dtype, kv_cache_bytes=256 << 20,
-                                    max_num_seqs=64, max_num_batched_tokens=512)
+    engine = Engine.from_pretrained(model, device="cpu", **_VARIANTS[variant],
+                                    kv_cache_bytes=256 << 20, max_num_seqs=64,
+                                    max_num_batched_tokens=512)
     res = {"load_s": (_now() - t0, _load()), "kv_mib": (engine.kv_cache.nbytes / 2**20, "")}
     prompt = _prompt_ids(engine, prompt_len)
     engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))  # warm up
@@ -177,7 +183,35 @@ def measure_engine(
     return res, prompt
 
 
-_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "int4": "int4"}
+_VARIANTS: dict[str, dict[str, str]] = {
+    "float32": {"dtype": "float32"},
+    "bfloat16": {"dtype": "bfloat16"},
+    "int4": {"dtype": "bfloat16", "quantization": "int4"},
+}
+
+
+def demo_quality(variants: list[str]) -> list[tuple[str, str, str]]:
+    """Return table rows: on the trained demo model, each variant's greedy answers to the
+    held-out questions against float32's (identical answers, answers with the keyword)."""
+    from resultity_runtime._demo_corpus import demo_model_path, heldout_questions
+
+    held = heldout_questions()
+    chats = [[{"role": "user", "content": h.question}] for h in held]
+    params = SamplingParams(max_tokens=96, temperature=0.0)
+    answers: dict[str, list[tuple[int, ...]]] = {}
+    rows = []
+    for variant in ["float32", *[v for v in variants if v != "float32"]]:
+        engine = Engine.from_pretrained(demo_model_path(), **_VARIANTS[variant],
+                                        kv_cache_bytes=32 << 20)
+        outs = [o.outputs[0] for o in engine.generate(chats, params)]
+        answers[variant] = [tuple(o.token_ids) for o in outs]
+        hits = sum(h.keyword in o.text.lower() for h, o in zip(held, outs, strict=True))
+        same = sum(a == b for a, b in zip(answers[variant], answers["float32"], strict=True))
+        short = _SHORT[variant]
+        rows.append((f"demo model {short}: answers with the keyword / identical to fp32",
+                     f"{hits} / {same} of {len(held)}", ""))
+    return rows
 
 
 def main() -> int:
@@ -186,9 +220,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dtypes", default="float32,bfloat16",
-                    help="comma-separated engine dtypes (float32, bfloat16)")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int4",
+                    help="comma-separated engine variants: float32, bfloat16, int4 (bfloat16 "
+                         "with 4-bit weights)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true",
+                    help="skip the demo-model quality rows of bfloat16 and int4")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: time with process CPU time (robust on a loaded machine, exact "
@@ -196,7 +233,7 @@ def main() -> int:
     args = ap.parse_args()
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in _SHORT for d in dtypes):
-        ap.error("--dtypes: use float32 and/or bfloat16")
+        ap.error("--dtypes: use float32, bfloat16 and/or int4")
     if args.threads:
         torch.set_num_threads(args.threads)
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -221,7 +258,7 @@ def main() -> int:
         dec, dec_load = res["decode"]
         rows += [(f"engine {short} load (s)", f"{res['load_s'][0]:.2f}", res["load_s"][1]),
                  (f"engine {short} decode tok/s, batch 1", f"{dec:.1f}", dec_load)]
-        if not args.skip_hf:
+        if not args.skip_hf and dtype != "int4":
             hf[dtype] = bench_hf_decode(args.model, prompt, args.tokens, args.runs,
                                         getattr(torch, dtype))
             rows += [(f"transformers {short} generate decode tok/s, batch 1",
@@ -229,6 +266,10 @@ def main() -> int:
                      (f"engine {short} / transformers {short}"
                       + (" (target >= 2x)" if dtype == "float32" else ""),
                       f"{dec / hf[dtype]:.2f}x", "")]
+        if not args.skip_hf:
+            if "bfloat16" in hf and dtype == "int4":
+                rows += [(f"engine {short} / transformers bf16", f"{dec / hf['bfloat16']:.2f}x",
+                          "")]
             if "float32" in hf and dtype != "float32":
                 rows += [(f"engine {short} / transformers fp32 (target >= 2x)",
                           f"{dec / hf['float32']:.2f}x", "")]
@@ -247,6 +288,8 @@ def main() -> int:
             (f"engine {short} peak RSS, 1 / 16 / 64 requests (MiB)",
              " / ".join(f"{res[f'rss{c}'][0]:.0f}" for c in (1, 16, 64)), ""),
         ]
+    if not args.skip_quality and any(d != "float32" for d in dtypes):
+        rows += demo_quality(dtypes)
     width = max(len(k) for k, _, _ in rows)
     print(f"# model {args.model}, prompt {args.prompt_len} tokens, "
           f"{args.tokens} generated per request, greedy, clock {args.clock}")

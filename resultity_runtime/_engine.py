@@ -177,6 +177,7 @@ class Engine:
         dtype: torch.dtype | str | None = None,
         *,
         prepack: bool = True,
+        quantization: str | None = None,
         **kwargs: Any,
     ) -> Engine:
         """Returns an engine for the Hugging Face model directory ``path``.
@@ -187,11 +188,16 @@ class Engine:
         3x faster than float32, logits within about 0.1 of float32's (see
         benchmarks/RESULTS.md). ``prepack`` (CPU): keep a oneDNN-prepacked copy of every
         projection (faster steps; the projections then take twice the memory).
+        ``quantization="int4"`` (CPU, bfloat16, the default dtype then): projections
+        quantized to 4 bits in groups of 32, bfloat16 activations; batch-1 decode moves about
+        a quarter of bfloat16's weight bytes, at a measured cost in accuracy (see
+        benchmarks/RESULTS.md, "int4").
         Other keyword arguments are those of ``Engine`` (kv_cache_bytes, max_num_seqs,
         max_num_batched_tokens, block_size, max_model_len, enable_prefix_caching, backend).
         Raises ModelLoadError for a bad directory, ValueError for bad settings.
         """
-        model, config, tokenizer = load_model(path, device, dtype, prepack=prepack)
+        model, config, tokenizer = load_model(path, device, dtype, prepack=prepack,
+                                              quantization=quantization)
         return cls(model, config, tokenizer, device=device, **kwargs)
 
     # ---- requests ------------------------------------------------------------------------

@@ -17,9 +17,17 @@ from torch import Tensor
 from ._config import ModelConfig, load_config
 from ._errors import ModelLoadError
 from ._model import LlamaForCausalLM
+from ._quant import QUANTIZATIONS, int4_available
 from ._tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["LoadedModel", "hf_tensor_shapes", "load_model", "load_weights", "resolve_dtype"]
+__all__ = [
+    "LoadedModel",
+    "check_quantization",
+    "hf_tensor_shapes",
+    "load_model",
+    "load_weights",
+    "resolve_dtype",
+]
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -60,6 +68,27 @@ def resolve_dtype(
             raise ValueError(f"dtype: {dtype} is not supported on CUDA (use float16 or bfloat16)")
         return dtype
     raise ValueError(f"device: unsupported device type {dev.type!r} (use cpu or cuda)")
+
+
+def check_quantization(
+    quantization: str | None, device: torch.device | str, dtype: torch.dtype
+) -> None:
+    """Raise ValueError naming ``quantization`` when it is unknown or cannot run on this
+    device, dtype or torch build (int4: CPU, bfloat16, torch's CPU int4 kernel)."""
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization: unknown {quantization!r} (use one of "
+                         f"{', '.join(QUANTIZATIONS)}, or none)")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"quantization: {quantization} runs on CPU only "
+                         f"(on {torch.device(device).type} use float16 or bfloat16)")
+    if dtype != torch.bfloat16:
+        raise ValueError(f"quantization: {quantization} needs dtype bfloat16 (the kernel's "
+                         f"activations), got {dtype}")
+    if not int4_available():
+        raise ValueError(f"quantization: this torch build ({torch.__version__}) has no working "
+                         f"CPU int4 kernel")
 
 
 def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -153,15 +182,19 @@ def load_weights(
     dtype: torch.dtype = torch.float32,
     *,
     prepack: bool = True,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     """Return the model with its weights read from the directory's safetensors files.
 
-    q/k/v and gate/up are concatenated into the fused projections; with ``prepack``, a
-    float32 or bfloat16 model on CPU gets oneDNN-prepacked copies of its projections
+    q/k/v and gate/up are concatenated into the fused projections; with ``quantization``
+    "int4" (bfloat16 on CPU) the projections are quantized to 4 bits in groups of 32
+    (``LlamaForCausalLM.quantize_cpu_weights``); with ``prepack``, a float32 or bfloat16
+    model on CPU gets oneDNN-prepacked copies of its (other) projections
     (``LlamaForCausalLM.prepack_cpu_weights``: faster steps, twice the projection memory).
-    Raises ModelLoadError
-    naming the file and tensor (missing file or tensor, unexpected shape, corrupt file).
+    Raises ModelLoadError naming the file and tensor (missing file or tensor, unexpected
+    shape, corrupt file); ValueError for a quantization this device or dtype cannot run.
     """
+    check_quantization(quantization, device, dtype)
     get = _reader(Path(model_dir))
     shapes = hf_tensor_shapes(config)
 
@@ -194,6 +227,8 @@ def load_weights(
     model.tie_weights()
     model.requires_grad_(False)
     model = model.to(device).eval()
+    if quantization == "int4":
+        model.quantize_cpu_weights(group_size=32)
     if prepack:
         model.prepack_cpu_weights(float32=True)
     return model
@@ -205,18 +240,23 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     *,
     prepack: bool = True,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Return (model, config, tokenizer) loaded from a Hugging Face model directory.
 
-    ``dtype`` follows resolve_dtype; ``prepack`` as in load_weights. Raises ModelLoadError
-    naming the file (and tensor or field) for a bad directory, ValueError for an unsupported
-    device/dtype.
+    ``dtype`` follows resolve_dtype, except that ``quantization="int4"`` (CPU only) picks
+    bfloat16 when ``dtype`` is None; ``prepack`` and ``quantization`` as in load_weights.
+    Raises ModelLoadError naming the file (and tensor or field) for a bad directory,
+    ValueError for an unsupported device/dtype/quantization.
     """
     path = Path(model_dir)
     if not path.is_dir():
         raise ModelLoadError(str(path), "not a directory")
     config = load_config(path)
+    if quantization is not None and dtype is None:
+        dtype = torch.bfloat16
     run_dtype = resolve_dtype(device, dtype, config)
     tokenizer = load_tokenizer(path, config)
-    model = load_weights(path, config, device, run_dtype, prepack=prepack)
+    model = load_weights(path, config, device, run_dtype, prepack=prepack,
+                         quantization=quantization)
     return LoadedModel(model, config, tokenizer)

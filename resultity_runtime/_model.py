@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ._attention import AttentionBackend, AttentionMetadata
 from ._config import ModelConfig
+from ._quant import Int4Weight, int4_eligible, quantize_int4
 
 __all__ = ["KVCache", "LlamaForCausalLM", "rope_inv_freq"]
 
@@ -66,8 +67,12 @@ class Linear(nn.Linear):
 
     packed: Tensor | None = None
     packed_min_rows: int = 1
+    int4: Int4Weight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.int4 is not None:
+            out = self.int4.matmul(x if x.is_contiguous() else x.contiguous())
+            return out if self.bias is None else out.add_(self.bias)
         if self.packed is not None and x.numel() >= self.packed_min_rows * x.shape[-1]:
             out: Tensor = _linear_pointwise(x, self.packed, self.bias, "none", [], "")
             return out
@@ -192,11 +197,37 @@ class LlamaForCausalLM(nn.Module):
         # the batch-size hint picks oneDNN's layout: 1 suits bfloat16 decode best, 16 float32
         hint, min_rows = (16, 3) if dtype == torch.float32 else (1, 1)
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear) and module.int4 is None:
                 w = module.weight.detach()
                 module.packed = torch.ops.mkldnn._reorder_linear_weight(w, hint)
                 module.packed_min_rows = min_rows
         return True
+
+    def quantize_cpu_weights(self, group_size: int = 32) -> int:
+        """Replace every projection that fits the kernel by its 4-bit form (``_quant``).
+
+        The model must be bfloat16 on CPU (the kernel's activations). Projections whose shape
+        does not fit (rows not a multiple of 16, columns not a multiple of ``group_size``)
+        keep their dense weight. The dense weights of quantized projections are released,
+        except lm_head's when it is the (tied) embedding. Returns how many were quantized.
+        Raises ValueError for another dtype or device.
+        """
+        weight = self.embed_tokens.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+            raise ValueError(f"quantization: int4 runs on CPU in bfloat16, the model is "
+                             f"{weight.dtype} on {weight.device.type}")
+        count = 0
+        for module in self.modules():
+            if not isinstance(module, Linear):
+                continue
+            if not int4_eligible(module.out_features, module.in_features, group_size):
+                continue
+            module.int4 = quantize_int4(module.weight, group_size)
+            module.packed = None
+            if module.weight is not weight:
+                module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+            count += 1
+        return count
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Return (cos, sin) ``[N, 1, D]`` in ``dtype`` for int64 positions ``[N]``."""
