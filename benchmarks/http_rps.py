@@ -126,6 +126,7 @@ async def _load(port: int, clients: int, seconds: float, pid: int) -> dict[str, 
         errors: list[str] = []
         stop_at = time.perf_counter() + duration
         cpu_before = _cpu_seconds(pid)
+        client_before = time.process_time()
         async with anyio.create_task_group() as tg:
             for _ in range(clients):
                 tg.start_soon(_client, port, stop_at, latencies, errors)
@@ -140,6 +141,7 @@ async def _load(port: int, clients: int, seconds: float, pid: int) -> dict[str, 
                 "requests": len(lat),
                 # Server CPU per request: steadier than req/s on a shared machine.
                 "cpu_us": 1e6 * (_cpu_seconds(pid) - cpu_before) / max(1, len(lat)),
+                "client_cpu_us": 1e6 * (time.process_time() - client_before) / max(1, len(lat)),
             }
     raise AssertionError("unreachable")
 
@@ -205,7 +207,7 @@ def main() -> int:
         print(
             f"{kind:>10}: {r['rps']:9.0f} req/s   p50 {r['p50_ms']:6.2f} ms   "
             f"p99 {r['p99_ms']:6.2f} ms   server CPU {r['cpu_us']:5.0f} us/req   "
-            f"({r['requests']:.0f} requests)"
+            f"(client {r['client_cpu_us']:.0f})   ({r['requests']:.0f} requests)"
         )
     if len(results) == 2:
         ratio = results["resultity"]["rps"] / results["uvicorn"]["rps"]

@@ -14,6 +14,7 @@ to HTTP/1.1 clients, close-delimited for HTTP/1.0 ones, no body for HEAD, 204 an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -105,7 +106,12 @@ class Connection:
         self.idle = False
         self.linger = False
         self._abort = False
-        self._waiter: anyio.Event | None = None
+        self._waiter: asyncio.Future[None] | anyio.Event | None = None
+        try:
+            # On asyncio a plain future is the cheapest way to wait for the next bytes.
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         self._buffered = 0
         self._paused = False
         self._eof = False
@@ -183,7 +189,10 @@ class Connection:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            waiter.set()
+            if isinstance(waiter, anyio.Event):
+                waiter.set()
+            elif not waiter.done():
+                waiter.set_result(None)
 
     def _set_read_deadline(self, deadline: float) -> None:
         self.read_deadline = deadline
@@ -196,8 +205,13 @@ class Connection:
         if self._paused:
             self._paused = False
             self.channel.resume_reading()
-        waiter = self._waiter = anyio.Event()
-        await waiter.wait()
+        if self._loop is not None:
+            future: asyncio.Future[None] = self._loop.create_future()
+            self._waiter = future
+            await future
+        else:
+            event = self._waiter = anyio.Event()
+            await event.wait()
         return not self._timed_out
 
     def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
@@ -214,16 +228,23 @@ class Connection:
         self.idle = not buffered
         limit = self.config.header_timeout_s if first else self.config.idle_timeout_s
         self._set_read_deadline(time.monotonic() + limit)
+        # Nothing buffered (the usual keep-alive case): wait before asking the parser.
+        waiting = not buffered and not self._eof
         try:
             while True:
-                event = self._next_event()
+                if waiting:
+                    event: h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED] = h11.NEED_DATA
+                else:
+                    event = self._next_event()
                 if type(event) is h11.Request:
                     return event
                 if type(event) is h11.ConnectionClosed:
                     return None
                 if event is not h11.NEED_DATA:
                     raise _BadRequest(400, f"unexpected {event!r} before a request")
-                if self.idle and self.h11.trailing_data[0]:
+                if waiting:
+                    waiting = False
+                elif self.idle and self.h11.trailing_data[0]:
                     self.idle = False  # a request has begun: now the head timeout applies
                     self._set_read_deadline(time.monotonic() + self.config.header_timeout_s)
                 if not await self._wait_for_data():
@@ -263,18 +284,19 @@ class Connection:
             head = await self._read_head(first)
             if head is None:
                 return False
-            self._check_head(head)
+            headers = list(head.headers)  # one pass over h11's header view, used thrice
+            self._check_head(head, headers)
             if self.h11.they_are_waiting_for_100_continue:
                 self.h11.send(h11.InformationalResponse(status_code=100, headers=[]))
                 await self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request = self._build_request(head, await self._read_body())
+            request = self._build_request(head, headers, await self._read_body())
         except _BadRequest as exc:
             await self._send_error(exc.status, exc.message)
             return False
         except _Status as exc:
             await self._send_error(exc.status, exc.message)
             return False
-        writer = _ResponseWriter(head, self.server.shutting_down)
+        writer = _ResponseWriter(head, headers, self.server.shutting_down)
         gone = await self._dispatch(request, writer)
         if gone or writer.close or self.server.shutting_down:
             return False
@@ -289,12 +311,12 @@ class Connection:
             self.h11.receive_data(b"")
         return True
 
-    def _check_head(self, head: h11.Request) -> None:
+    def _check_head(self, head: h11.Request, headers: list[tuple[bytes, bytes]]) -> None:
         if head.http_version not in (b"1.1", b"1.0"):
             raise _Status(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         # h11 enforces its size limit only on heads that arrive in pieces; check whole ones too.
         size = len(head.target)
-        for name, value in head.headers:
+        for name, value in headers:
             size += len(name) + len(value) + 4
             if name == b"content-length" and int(value) > self.config.max_body_bytes:
                 limit = self.config.max_body_bytes
@@ -304,7 +326,9 @@ class Connection:
         if not head.target.startswith((b"/", b"http://", b"https://")):
             raise _Status(400, "request target must be an absolute path")
 
-    def _build_request(self, head: h11.Request, body: bytes) -> Request:
+    def _build_request(
+        self, head: h11.Request, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Request:
         target = head.target.decode("latin-1")
         if target.startswith(("http://", "https://")):
             split = urlsplit(target)  # absolute form (RFC 9112, 3.2.2): use its path
@@ -316,7 +340,7 @@ class Connection:
             method=head.method.decode("ascii"),
             path=unquote(raw_path) if "%" in raw_path else raw_path,
             query=query,
-            headers=tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers),
+            headers=tuple([(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]),
             body=body,
             client=self.client,
             http_version=head.http_version.decode("ascii"),
@@ -420,7 +444,7 @@ class Connection:
             return
         self._started = True
         response = self.config.error_response(status, message)
-        writer = _ResponseWriter(None, closing=True)
+        writer = _ResponseWriter(None, [], closing=True)
         with contextlib.suppress(ClientGone, _BadResponse):
             await self._write(writer.complete(status, response.headers, response.body))
 
@@ -466,7 +490,12 @@ class _ResponseWriter:
 
     __slots__ = ("chunked", "close", "has_body", "head_only", "http10")
 
-    def __init__(self, head: h11.Request | None, closing: bool = False) -> None:
+    def __init__(
+        self,
+        head: h11.Request | None,
+        headers: list[tuple[bytes, bytes]],
+        closing: bool = False,
+    ) -> None:
         self.close = closing
         self.head_only = head is not None and head.method == b"HEAD"
         self.http10 = head is None or head.http_version != b"1.1"
@@ -475,7 +504,7 @@ class _ResponseWriter:
             if self.http10:
                 self.close = True
             else:
-                for name, value in head.headers:
+                for name, value in headers:
                     if name == b"connection" and b"close" in value.lower():
                         self.close = True
         self.has_body = not self.head_only

@@ -31,6 +31,12 @@ HeaderList = tuple[tuple[str, str], ...]
 
 
 def _headers(value: Iterable[tuple[str, str]] | Mapping[str, str]) -> HeaderList:
+    if type(value) is tuple:
+        for item in value:
+            if type(item) is not tuple or len(item) != 2 or not item[0].islower():
+                break
+        else:
+            return value  # already a tuple of (lower-case name, value) pairs: as it is
     items = value.items() if isinstance(value, Mapping) else value
     return tuple((name.lower(), val) for name, val in items)
 
