@@ -14,6 +14,7 @@ from resultity_runtime._demo_corpus import demo_model_path, heldout_questions
 from resultity_runtime._loader import load_model, load_weights
 from resultity_runtime._model import Linear
 from resultity_runtime._quant import (
+    INT4_MAX_ROWS,
     dequantize_int4,
     int4_available,
     int4_eligible,
@@ -42,12 +43,14 @@ def test_kernel_matches_the_dequantized_weight(rows: int, cols: int, group: int)
     err = (deq - w).abs().reshape(rows, -1, group).amax(-1)
     assert (err <= steps / 2 + 1e-6).all()
     assert (deq != w).any()  # it is a quantization, not a copy
-    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    got = q.matmul(x).float()
-    want = x.float() @ deq.T
-    assert got.shape == (5, rows)
-    # bfloat16 output and bfloat16 scales: relative error of a few parts in a thousand
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-2
+    # 1-3 rows run the int4 kernel, more the bfloat16 copy of the same quantized values
+    for n in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1, 17):
+        x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+        got = q.matmul(x).float()
+        want = x.float() @ deq.T
+        assert got.shape == (n, rows)
+        # bfloat16 output and bfloat16 scales: relative error of a few parts in a thousand
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-2, n
     assert q.nbytes < w.numel() * 2 / 3  # far fewer bytes than the bfloat16 weight
 
 
@@ -87,12 +90,15 @@ def test_quantized_model_runs_the_dequantized_weights(tiny_model_dir: Path) -> N
         m.weight = torch.nn.Parameter(dequantize_int4(m.weight, 32).to(torch.bfloat16),
                                       requires_grad=False)
     prompt = _prompts(config.vocab_size, [37])[0]
-    a = PagedRunner(q4).step([(0, prompt)])[0]
-    b = PagedRunner(ref).step([(0, prompt)])[0]
+    runners = [PagedRunner(q4), PagedRunner(ref)]
+    a, b = (r.step([(0, prompt)])[0] for r in runners)  # prefill: the bfloat16 copies
     plain = PagedRunner(load_weights(tiny_model_dir, config, dtype=torch.bfloat16)).step(
         [(0, prompt)])[0]
     assert (a - b).abs().max().item() < 0.05
     assert (a - plain).abs().max().item() > 0.05  # the weights did change
+    token = int(b[-1].argmax())
+    a, b = (r.step([(0, [token])])[0] for r in runners)  # one row: the int4 kernel
+    assert (a - b).abs().max().item() < 0.05
 
 
 def test_quantization_options_are_checked(tiny_model_dir: Path) -> None:
