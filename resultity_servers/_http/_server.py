@@ -70,6 +70,10 @@ class ServerConfig:
 class HTTPServer:
     """Serve ``handler`` (a Router or any ``async (Request) -> response`` callable)."""
 
+    # Connections are asyncio Protocols on the asyncio backend, anyio streams on others; tests
+    # set this False to run the anyio stream path on asyncio too.
+    _asyncio_protocol = True
+
     def __init__(self, handler: Handler, config: ServerConfig | None = None) -> None:
         self.handler = handler
         self.config = config or ServerConfig()
@@ -150,6 +154,8 @@ class HTTPServer:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None  # another anyio backend: anyio's streams
+        if not self._asyncio_protocol:
+            loop = None
         raw = listener.extra(anyio.abc.SocketAttribute.raw_socket)
         while True:
             try:
