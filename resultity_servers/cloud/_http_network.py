@@ -23,6 +23,7 @@ Failures to reach the Network become ``NoCapacityError`` (503): the user can ret
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import AsyncExitStack
@@ -43,6 +44,7 @@ from resultity_core import (
     Price,
     RateLimitedError,
     RequestTooLargeError,
+    SSEEvent,
     WireMessageError,
     no_capacity,
 )
@@ -190,6 +192,9 @@ def _model_info(m: Mapping[str, Any]) -> ModelInfo:
         nodes=int(m.get("nodes", m.get("ready_nodes", 0))),
     )
 
+
+# How long closing a finished job's event stream waits for its end (see ``_drain``).
+_DRAIN_S = 0.5
 
 # Network failure codes that mean "no node could take the job": the user may retry (503).
 _RETRYABLE_CODES = frozenset({"no_capacity", "timeout"})
@@ -340,27 +345,43 @@ class HTTPNetworkClient:
                     raise network_unavailable(
                         f"network answered HTTP {response.status} for the events"
                     )
-                async for sse in response.aiter_sse():
-                    if sse.data == "[DONE]":
-                        return
-                    try:
-                        payload = sse.json()
-                    except ValueError:
-                        payload = None
-                    if not isinstance(payload, dict):
-                        raise network_unavailable("network sent a malformed event")
-                    if sse.event == "error" or ("error" in payload and "_type" not in payload):
-                        yield ErrorEvent(_stream_error(payload.get("error")))
-                        return
-                    try:
-                        event = event_from_payload(payload)
-                    except WireMessageError as exc:
-                        raise network_unavailable(f"network sent a bad event: {exc}") from None
-                    yield event
-                    if isinstance(event, ErrorEvent):
-                        return
+                sses = response.aiter_sse()
+                last: JobEvent | None = None
+                try:
+                    async for sse in sses:
+                        if sse.data == "[DONE]":
+                            await _drain(sses)
+                            return
+                        last = self._event(sse)
+                        yield last
+                        if isinstance(last, ErrorEvent):
+                            return
+                except GeneratorExit:
+                    # Closed after a done event (the Cloud stops at the last choice's):
+                    # the Network ends the stream right after it, so read that end and the
+                    # connection goes back to the pool instead of being dropped (a new
+                    # connection costs a TCP handshake on the next job's path).
+                    if isinstance(last, DoneEvent):
+                        await _drain(sses)
+                    raise
         except HTTPClientError as exc:
             raise network_unavailable(str(exc)) from exc
+
+    @staticmethod
+    def _event(sse: SSEEvent) -> JobEvent:
+        """Return the Cloud event of one SSE event of a job's stream."""
+        try:
+            payload = sse.json()
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise network_unavailable("network sent a malformed event")
+        if sse.event == "error" or ("error" in payload and "_type" not in payload):
+            return ErrorEvent(_stream_error(payload.get("error")))
+        try:
+            return event_from_payload(payload)
+        except WireMessageError as exc:
+            raise network_unavailable(f"network sent a bad event: {exc}") from None
 
     async def cancel(self, job: JobHandle) -> None:
         """Ask the Network to abort the job (a 404 for a finished job is fine)."""
@@ -378,6 +399,15 @@ class HTTPNetworkClient:
         for stack, _ in opened.values():
             await _close(stack)
         await self.http.aclose()
+
+
+async def _drain(sses: AsyncIterator[SSEEvent]) -> None:
+    """Read a finished job's stream to its end (``[DONE]``, then the end of the body), for
+    at most ``_DRAIN_S``; stop at anything else (the caller then closes the connection)."""
+    with anyio.move_on_after(_DRAIN_S), contextlib.suppress(HTTPClientError):
+        async for sse in sses:
+            if sse.data != "[DONE]":
+                return
 
 
 async def _close(stack: AsyncExitStack) -> None:

@@ -192,3 +192,31 @@ async def test_disconnect_cancels_the_job_on_the_real_network() -> None:
             while not node.served or node.c.get_job(node.served[0]).state != JobState.CANCELLED:
                 await anyio.sleep(0.01)
         assert time.monotonic() - left < 1.0
+
+
+async def test_finished_jobs_leave_the_network_connection_reusable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The Cloud stops reading a job's stream at its last done event; closing it then must
+    # read the stream's end so the connection returns to the pool: a dropped one costs the
+    # next job a TCP connect on its path to the first token.
+    clients: list[Any] = []
+    submit = network.NetworkApp.submit
+
+    async def recording(self: Any, request: Any) -> Any:
+        clients.append(request.client)
+        return await submit(self, request)
+
+    monkeypatch.setattr(network.NetworkApp, "submit", recording)
+    async with stack(["Hello", " world"]) as (url, key, node):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"authorization": f"Bearer {key}"}
+        async with HTTPClient(url) as client:
+            for stream in (True, False, True, True):
+                response = await client.request("POST", "/v1/chat/completions", json={
+                    **body, "stream": stream}, headers=headers)
+                assert response.status == 200
+                assert b"Hello" in response.body
+        assert len(node.served) == 4
+        assert len(clients) == 4
+        assert len(set(clients)) == 1, clients
