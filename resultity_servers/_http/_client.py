@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import json as _json
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal, Self
 
@@ -140,6 +140,87 @@ class StreamingClientResponse:
         return self
 
 
+# A request's writes are held until its response is read, up to this many bytes.
+_COALESCE_BYTES = 64 * 1024
+
+
+class _CoalescingStream(httpcore.AsyncNetworkStream):
+    """A connection whose writes wait for the next read (or ``_COALESCE_BYTES``).
+
+    httpcore writes a request's head and body separately; on loopback each write is a
+    segment the server wakes up for, and the head alone is not a request it can answer.
+    Held back until httpcore reads the response, the request leaves in one send.
+    """
+
+    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
+        self._stream = stream
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._timeout: float | None = None
+
+    async def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._size = 0
+            await self._stream.write(data, timeout=self._timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        self._pending.append(buffer)
+        self._size += len(buffer)
+        self._timeout = timeout
+        if self._size >= _COALESCE_BYTES:
+            await self._flush()
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        await self._flush()
+        return await self._stream.read(max_bytes, timeout=timeout)
+
+    async def aclose(self) -> None:
+        self._pending.clear()
+        await self._stream.aclose()
+
+    async def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        await self._flush()
+        tls = await self._stream.start_tls(ssl_context, server_hostname, timeout)
+        return _CoalescingStream(tls)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _CoalescingBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's own backend with ``_CoalescingStream`` connections."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None,
+        local_address: str | None = None, socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._backend.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address,
+            socket_options=socket_options)
+        return _CoalescingStream(stream)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._backend.connect_unix_socket(
+            path, timeout=timeout, socket_options=socket_options)
+        return _CoalescingStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
 class HTTPClient:
     """A keep-alive client for one base URL (``http://127.0.0.1:8000``).
 
@@ -163,7 +244,8 @@ class HTTPClient:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._pool = httpcore.AsyncConnectionPool(
-            max_connections=max_connections, keepalive_expiry=keepalive_expiry_s
+            max_connections=max_connections, keepalive_expiry=keepalive_expiry_s,
+            network_backend=_CoalescingBackend(),
         )
 
     async def __aenter__(self) -> Self:
