@@ -159,11 +159,18 @@ async def _run(job: ActiveJob, spec: JobSpec, runtime: RuntimeSupervisor, emit: 
     prompts: tuple[str | None, ...] = spec.prompts or (None,)
     job.unsent = len(prompts)
     messages = [dict(m) for m in spec.messages] if spec.messages is not None else None
+    if len(prompts) == 1:
+        # One Runtime request (chat, or one prompt): streamed in this task, which saves a
+        # task start on the way to the Runtime.
+        job.runtime_ids.append(job.lease.job_id)
+        frame = Generate(job.lease.job_id, prompts[0], messages if prompts[0] is None else None,
+                         spec.sampling)
+        with anyio.CancelScope() as scope:
+            await _stream(job, runtime, frame, base=0, emit=emit, scope=scope)
+        return
     async with anyio.create_task_group() as tg:
         for i, prompt in enumerate(prompts):
-            runtime_id = lease_id = job.lease.job_id
-            if len(prompts) > 1:
-                runtime_id = f"{lease_id}.p{i}"
+            runtime_id = f"{job.lease.job_id}.p{i}"
             job.runtime_ids.append(runtime_id)
             frame = Generate(runtime_id, prompt, messages if prompt is None else None,
                              spec.sampling)

@@ -7,18 +7,19 @@ namespace), then moves the protocol to a private descriptor so that a stray ``pr
 library) lands on stderr instead of corrupting the frame stream. It holds no keys and opens no
 sockets: it reads frames on stdin and writes frames on stdout.
 
-The main loop drives ``resultity_runtime.Engine`` (``add_request`` / ``step`` / ``abort``); a
-reader thread decodes incoming frames into a queue. ``ping`` is answered by the main loop, so a
-hung engine shows up as a missed ``pong``. torch is imported only when a model is loaded.
+The main loop drives ``resultity_runtime.Engine`` (``add_request`` / ``step`` / ``abort``) and
+reads the incoming frames itself between engine steps (``_Inbox``: blocking while idle, without
+waiting while requests run), so a job's frame reaches the engine without a hop through another
+thread. ``ping`` is answered by the main loop, so a hung engine shows up as a missed ``pong``.
+torch is imported only when a model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import queue
+import select
 import sys
-import threading
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -48,39 +49,61 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 _IN_MAX_FRAME = 16 << 20
+_REST_OF_FRAME_S = 5.0
 
 
 class _Writer:
-    """Writes frames to the protocol descriptor; one lock, since the reader thread writes too."""
+    """Writes frames to the protocol descriptor (from the main loop only)."""
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
-        self._lock = threading.Lock()
 
     def send(self, *messages: RuntimeMessage) -> None:
         # one write for all of them: an engine step's events cost one syscall, not one each
         data = b"".join(encode_frame(m, max_frame=DEFAULT_MAX_FRAME) for m in messages)
         if not data:
             return
-        with self._lock:
-            self._out.write(data)
-            self._out.flush()
+        self._out.write(data)
+        self._out.flush()
 
 
-def _reader(inbox: queue.Queue[RuntimeMessage | None], writer: _Writer) -> None:
-    decoder = FrameDecoder(max_frame=_IN_MAX_FRAME)
-    try:
+class _Inbox:
+    """The Agent's frames on descriptor ``fd``, read by the main loop between engine steps."""
+
+    def __init__(self, fd: int, writer: _Writer) -> None:
+        self.fd = fd
+        self.writer = writer
+        self.decoder = FrameDecoder(max_frame=_IN_MAX_FRAME)
+
+    def receive(self, *, wait: bool) -> list[RuntimeMessage | None]:
+        """Return the frames that have arrived, waiting for one when ``wait``; a final None
+        means the end (the Agent closed the pipe, or sent a bad frame: reported as fatal).
+
+        A frame the Agent is still writing is waited for (up to ``_REST_OF_FRAME_S``), so a
+        long prompt does not trickle in one read per engine step.
+        """
+        out: list[RuntimeMessage | None] = []
+        timeout: float | None = None if wait else 0.0
         while True:
-            data = os.read(0, 1 << 16)
+            try:
+                readable, _, _ = select.select([self.fd], [], [], timeout)
+                if not readable:
+                    return out
+                data = os.read(self.fd, 1 << 16)
+            except OSError:
+                data = b""
             if not data:
-                break
-            for message in decoder.feed(data):
-                inbox.put(message)
-    except FrameError as exc:
-        writer.send(ErrorFrame(None, f"bad frame from the agent: {exc}", fatal=True))
-    except OSError:
-        pass
-    inbox.put(None)
+                out.append(None)
+                return out
+            try:
+                out.extend(self.decoder.feed(data))
+            except FrameError as exc:
+                self.writer.send(ErrorFrame(None, f"bad frame from the agent: {exc}",
+                                            fatal=True))
+                out.append(None)
+                return out
+            # Take what else is there without waiting; wait only for the rest of a frame.
+            timeout = _REST_OF_FRAME_S if self.decoder.pending else 0.0
 
 
 def _float(value: object, default: float) -> float:
@@ -241,20 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout = sys.stderr
     writer = _Writer(proto)
     writer.send(Ready(os.getpid(), package_version(), sandbox))
-    inbox: queue.Queue[RuntimeMessage | None] = queue.Queue()
-    threading.Thread(target=_reader, args=(inbox, writer), daemon=True).start()
+    inbox = _Inbox(0, writer)
     runtime = _Runtime(writer)
     try:
         while True:
-            batch: list[RuntimeMessage | None] = []
-            if not runtime.busy:
-                batch.append(inbox.get())
-            while True:
-                try:
-                    batch.append(inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for message in batch:
+            for message in inbox.receive(wait=not runtime.busy):
                 if message is None or not runtime.handle(message):
                     return 0
             if runtime.engine is not None:

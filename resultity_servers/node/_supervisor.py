@@ -125,7 +125,9 @@ class RuntimeSupervisor:
         self._exit_reason: str | None = None
         self._jobs: dict[str, _Job] = {}
         self._proc: anyio.abc.Process | None = None
-        self._write_lock = anyio.Lock()
+        # fast_acquire: an uncontended write goes out at once, without first yielding to
+        # every other ready task (a job's frame is on the path to its first token).
+        self._write_lock = anyio.Lock(fast_acquire=True)
         self._ready = anyio.Event()
         self._got_ready: anyio.Event = anyio.Event()
         self._loaded: anyio.Event = anyio.Event()

@@ -299,3 +299,47 @@ def test_confine_hides_secrets_and_protects_the_data_dir(tmp_path: Path) -> None
     assert (data / "node.key").read_text() == "secret seed"  # only hidden inside the child
     assert (data / "installed.bin").read_text() == "model"
     assert out["report"]["readonly_paths"] == [str(data)]
+
+
+def test_the_runtime_inbox_reads_whole_frames_and_reports_a_bad_one() -> None:
+    # The Runtime's main loop reads the pipe itself (no reader thread): a frame written in
+    # pieces arrives whole in one receive, nothing waits when nothing came, and a bad frame
+    # ends the loop with a fatal error frame to the Agent.
+    import threading
+
+    from resultity_servers.node._frames import ErrorFrame, FrameDecoder, Ping, encode_frame
+    from resultity_servers.node._runtime_main import _Inbox, _Writer
+
+    rd, wr = os.pipe()
+    out_rd, out_wr = os.pipe()
+    with os.fdopen(out_wr, "wb", buffering=0) as out:
+        inbox = _Inbox(rd, _Writer(out))
+        try:
+            assert inbox.receive(wait=False) == []
+            big = Generate("job-1", "x" * 200_000, None, {"max_tokens": 1})
+            frames = encode_frame(big, max_frame=1 << 24) + encode_frame(Ping(7))
+
+            def write_in_pieces() -> None:
+                for start in range(0, len(frames), 50_000):
+                    os.write(wr, frames[start:start + 50_000])
+
+            thread = threading.Thread(target=write_in_pieces)
+            thread.start()
+            got = inbox.receive(wait=True)
+            assert got[:1] == [big]  # not one piece per receive (per engine step)
+            thread.join()
+            got += inbox.receive(wait=False)
+            assert got == [big, Ping(7)]
+            os.write(wr, b"\x00\x00\x00\x02{]")
+            assert inbox.receive(wait=True) == [None]
+            [error] = FrameDecoder().feed(os.read(out_rd, 65536))
+            assert isinstance(error, ErrorFrame)
+            assert error.fatal
+            assert "bad frame" in error.message
+        finally:
+            os.close(wr)
+    try:
+        assert inbox.receive(wait=True) == [None]  # the Agent closed the pipe
+    finally:
+        os.close(rd)
+        os.close(out_rd)
