@@ -395,7 +395,9 @@ _HOOKS = [
      "cloud: submit sent", False),
     ("resultity_servers.network._app", "NetworkApp", "submit", "network: submit handler",
      False),
-    ("resultity_servers.network._jobs", "JobDesk", "lease", "network: job leased", True),
+    # every lease goes through _lease_job: a poll's own lease pass, or a submit handing the
+    # job to the node's waiting (parked) poll
+    ("resultity_servers.network._jobs", "JobDesk", "_lease_job", "network: job leased", True),
     ("resultity_servers.node._transport", "HTTPNetworkTransport", "lease",
      "node: lease answer read", True),
     ("resultity_servers.node._supervisor", "RuntimeSupervisor", "_send_job",
@@ -453,15 +455,19 @@ async def breakdown(requests: int, max_tokens: int, threads: int, data_dir: Path
     options = DemoOptions(data_dir=data_dir, port=0, preset="tiny", runtime_threads=threads)
     async with running_demo(options, log=lambda message: None) as demo:
         await demo.wait_ready(300)
+        engine = make_engine(data_dir / "models" / "tiny" / "1", threads)
         conn = await RawConnection.open(int(demo.cloud_url.rsplit(":", 1)[1]))
         rows: dict[str, list[float]] = {}
+        engine_s: list[float] = []
         for i in range(requests + 3):
             marks.clear()
             start = time.perf_counter()
             result = await stream_chat(conn, demo.api_key, max_tokens)
             marks.append(("client: first token", start + result["ttft"]))
+            alone = engine_ttft(engine, max_tokens)  # alternated, as in the TTFT table
             if i < 3:
                 continue  # warm-up
+            engine_s.append(alone)
             seen: set[str] = set()
             for label, at in sorted(marks, key=lambda m: m[1]):
                 if label not in seen:  # the first time each step happened
@@ -476,6 +482,10 @@ async def breakdown(requests: int, max_tokens: int, threads: int, data_dir: Path
         median = statistics.median(values)
         print(f"  {median:7.2f} ({min(values):6.2f})  +{median - previous:5.2f}  {label}")
         previous = median
+    engine_ms = 1000 * statistics.median(engine_s)
+    first = statistics.median(rows["client: first token"])
+    print(f"  engine in process (alternated): {engine_ms:.2f} ({1000 * min(engine_s):.2f}) ms; "
+          f"added: {first - engine_ms:.2f} ms (medians)")
 
 
 # --- GET /v1/models requests/s -----------------------------------------------------------------
