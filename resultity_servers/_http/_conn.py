@@ -117,6 +117,7 @@ class Connection:
         self._eof = False
         self._timed_out = False
         self._started = False  # the current cycle's response head was written
+        self._head: h11.Request | None = None  # the current cycle's request head, once read
         self.read_deadline = math.inf
         self.send_deadline = math.inf
         self._active: Request | None = None
@@ -280,10 +281,12 @@ class Connection:
 
     async def _serve_one(self, first: bool) -> bool:
         self._started = False
+        self._head = None
         try:
             head = await self._read_head(first)
             if head is None:
                 return False
+            self._head = head
             headers = list(head.headers)  # one pass over h11's header view, used thrice
             self._check_head(head, headers)
             if self.h11.they_are_waiting_for_100_continue:
@@ -444,7 +447,8 @@ class Connection:
             return
         self._started = True
         response = self.config.error_response(status, message)
-        writer = _ResponseWriter(None, [], closing=True)
+        head = self._head  # known unless the head itself was bad: a HEAD gets no body
+        writer = _ResponseWriter(head, list(head.headers) if head else [], closing=True)
         with contextlib.suppress(ClientGone, _BadResponse):
             await self._write(writer.complete(status, response.headers, response.body))
 

@@ -239,3 +239,13 @@ async def test_a_large_body_to_a_slow_reader_arrives_whole() -> None:
         await stream.send(b"GET /hello HTTP/1.1\r\nhost: t\r\n\r\n")
         ((head, body),) = await _responses(stream, 1)
         assert body == b"hi"
+
+
+async def test_a_layer_error_to_a_head_request_has_no_body() -> None:
+    async with _serve() as (_, stream):
+        await stream.send(b"HEAD /hello HTTP/1.1\r\nhost: t\r\ncontent-length: 999999999\r\n\r\n")
+        data = await _read_to_eof(stream)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"\r\nconnection: close" in head
+    assert body == b""
