@@ -192,25 +192,42 @@ _VARIANTS: dict[str, dict[str, str]] = {
 
 
 def demo_quality(variants: list[str]) -> list[tuple[str, str, str]]:
-    """Return table rows: on the trained demo model, each variant's greedy answers to the
-    held-out questions against float32's (identical answers, answers with the keyword)."""
-    from resultity_runtime._demo_corpus import demo_model_path, heldout_questions
+    """Return table rows: on the trained demo model, each variant against float32 on the
+    held-out questions: greedy answers (with the keyword, identical to float32's), and,
+    teacher-forced over question + canonical answer, top-1 agreement and max logit gap."""
+    from resultity_runtime._demo_corpus import FACTS, demo_model_path, heldout_questions
+    from resultity_runtime._train import train_forward
 
     held = heldout_questions()
     chats = [[{"role": "user", "content": h.question}] for h in held]
+    answer = {f.name: f.answer for f in FACTS}
     params = SamplingParams(max_tokens=96, temperature=0.0)
     answers: dict[str, list[tuple[int, ...]]] = {}
+    logits: dict[str, list[torch.Tensor]] = {}
     rows = []
     for variant in ["float32", *[v for v in variants if v != "float32"]]:
         engine = Engine.from_pretrained(demo_model_path(), **_VARIANTS[variant],
                                         kv_cache_bytes=32 << 20)
         outs = [o.outputs[0] for o in engine.generate(chats, params)]
         answers[variant] = [tuple(o.token_ids) for o in outs]
+        tok = engine.tokenizer
+        with torch.inference_mode():
+            logits[variant] = [train_forward(engine.model, torch.tensor([tok.encode_with_special(
+                tok.apply_chat_template([*c, {"role": "assistant", "content": answer[h.fact]}],
+                                        add_generation_prompt=False), add_bos=True)]))[0]
+                for h, c in zip(held, chats, strict=True)]
         hits = sum(h.keyword in o.text.lower() for h, o in zip(held, outs, strict=True))
         same = sum(a == b for a, b in zip(answers[variant], answers["float32"], strict=True))
+        pairs = list(zip(logits[variant], logits["float32"], strict=True))
+        agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in pairs)
+        gap = max(float((a - b).abs().max()) for a, b in pairs)
         short = _SHORT[variant]
         rows.append((f"demo model {short}: answers with the keyword / identical to fp32",
                      f"{hits} / {same} of {len(held)}", ""))
+        if variant != "float32":
+            total = sum(a.shape[0] for a, _ in pairs)
+            rows.append((f"demo model {short}: teacher-forced top-1 = fp32's / max logit gap",
+                         f"{agree / total:.2%} / {gap:.2f}", ""))
     return rows
 
 

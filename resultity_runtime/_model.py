@@ -70,8 +70,9 @@ class Linear(nn.Linear):
     int4: Int4Weight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.int4 is not None:
-            out = self.int4.matmul(x if x.is_contiguous() else x.contiguous())
+        if self.int4 is not None:  # the kernels take [rows, in] contiguous
+            out = self.int4.matmul(x.reshape(-1, x.shape[-1]).contiguous())
+            out = out.view(*x.shape[:-1], out.shape[-1])
             return out if self.bias is None else out.add_(self.bias)
         if self.packed is not None and x.numel() >= self.packed_min_rows * x.shape[-1]:
             out: Tensor = _linear_pointwise(x, self.packed, self.bias, "none", [], "")
