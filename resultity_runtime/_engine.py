@@ -30,7 +30,7 @@ from ._kv_cache import KVCache, plan_num_blocks
 from ._loader import load_model
 from ._model import LlamaForCausalLM
 from ._outputs import CompletionOutput, FinishReason, RequestOutput, StreamDelta, Usage
-from ._sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
+from ._sampling import Sampler, SamplingParams, TokenLogprobs, make_generator, seed_value
 from ._scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ._scheduler import Sequence as SchedSeq
 from ._stop import StopMatcher
@@ -66,6 +66,17 @@ def _select_backend(name: str, device: torch.device) -> AttentionBackend:
     return backend
 
 
+def _sampling_kernel(backend: AttentionBackend, device: torch.device) -> Any:
+    """Returns the fused sampling kernel when the Triton backend runs its kernels (on CUDA,
+    or on CPU under TRITON_INTERPRET=1), else None (the torch sampler)."""
+    if backend.name != "triton":
+        return None
+    from resultity_kernels import sample
+    from resultity_kernels._triton_compat import interpreting
+
+    return sample if device.type == "cuda" or interpreting() else None
+
+
 @dataclass(eq=False)
 class _Seq:
     """The output state of one generated sequence (index ``index`` of its request)."""
@@ -74,6 +85,7 @@ class _Seq:
     index: int
     sched: SchedSeq
     generator: torch.Generator | None
+    seed: int  # the stream seed of the sampling kernel's draws (with the step)
     detok: IncrementalDetokenizer
     stop: StopMatcher | None
     text: list[str] = field(default_factory=list)
@@ -159,7 +171,7 @@ class Engine:
             max_model_len=self.max_model_len, enable_prefix_caching=enable_prefix_caching,
         ))
         self.block_size = block_size
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, kernel=_sampling_kernel(self.backend, self.device))
         self.eos_ids = frozenset(tokenizer.eos_ids) | frozenset(config.eos_token_ids)
         self._lock = threading.Lock()
         self._requests: dict[str, _Request] = {}
@@ -265,7 +277,7 @@ class Engine:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                 stop = (StopMatcher(params.stop, params.include_stop_str_in_output)
                         if params.stop else None)
-                seq = _Seq(req, index, sched, gen, detok, stop,
+                seq = _Seq(req, index, sched, gen, seed_value(params.seed, index), detok, stop,
                            logprobs=[] if params.logprobs is not None else None)
                 req.seqs.append(seq)
             self._requests[request_id] = req
@@ -404,6 +416,8 @@ class Engine:
                 [s.output_ids for s in sampled] if penalties else [()] * len(sampled),
                 [s.generator for s in sampled],
                 [s.req.prompt_ids for s in sampled] if penalties else None,
+                streams=[(s.seed, len(s.output_ids)) for s in sampled]
+                if self.sampler.kernel is not None else None,
             )
         tokens = result.token_id_list
         self.scheduler.postprocess(

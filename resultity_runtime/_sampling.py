@@ -184,16 +184,20 @@ def make_generator(seed: int | None, index: int = 0) -> torch.Generator:
     """
     import torch
 
-    if seed is None:
-        value = secrets.randbits(64)
-    elif index == 0:
-        value = seed % (1 << 64)
-    else:
-        digest = hashlib.sha256(f"resultity-seed:{seed}:{index}".encode()).digest()
-        value = int.from_bytes(digest[:8], "little")
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(value)
+    gen.manual_seed(seed_value(seed, index))
     return gen
+
+
+def seed_value(seed: int | None, index: int = 0) -> int:
+    """Return the 64-bit seed of sequence ``index`` of a request seeded with ``seed``: what
+    ``make_generator`` seeds its generator with (random from the OS when ``seed`` is None)."""
+    if seed is None:
+        return secrets.randbits(64)
+    if index == 0:
+        return seed % (1 << 64)
+    digest = hashlib.sha256(f"resultity-seed:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 @attrs.frozen
@@ -230,10 +234,18 @@ class Sampler:
     Rows whose generator is None share the sampler's own generator, seeded from ``seed`` (or
     from the OS when None); give every request its own generator (``make_generator``) for
     reproducible streams.
+
+    ``kernel``: a fused sampling function with the signature of ``resultity_kernels.sample``
+    (the Triton kernel on CUDA). When it is set and ``sample`` gets ``streams``, rows that
+    sample (temperature > 0) draw through it after logit bias and penalties: the token then
+    depends only on the row's (seed, step), its logits and parameters, not on generators, and
+    differs from the torch path's draw for the same seed (both sample the same
+    distribution).
     """
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, *, kernel: Any = None) -> None:
         self._shared = make_generator(seed)
+        self.kernel = kernel
 
     def sample(
         self,
@@ -242,11 +254,14 @@ class Sampler:
         output_ids: Sequence[Sequence[int]],
         generators: Sequence[torch.Generator | None] | None = None,
         prompt_ids: Sequence[Sequence[int] | None] | None = None,
+        *,
+        streams: Sequence[tuple[int, int]] | None = None,
     ) -> SamplerOutput:
         """Sample one token per row of ``logits`` ([M, V], any float dtype, any device).
 
-        ``params``, ``output_ids`` (tokens generated so far) and, when given, ``generators``
-        and ``prompt_ids`` (used only by ``repetition_penalty``) have one entry per row.
+        ``params``, ``output_ids`` (tokens generated so far) and, when given, ``generators``,
+        ``prompt_ids`` (used only by ``repetition_penalty``) and ``streams`` (the (seed, step)
+        of each row, for the ``kernel`` path) have one entry per row.
         ``logits`` is not modified. Returns a SamplerOutput. Raises InvalidSamplingParamsError
         when a ``logit_bias`` id is outside the vocabulary or bans every token, ValueError on
         mismatched lengths.
@@ -260,6 +275,8 @@ class Sampler:
             raise ValueError(f"expected {m} generators")
         if prompt_ids is not None and len(prompt_ids) != m:
             raise ValueError(f"expected {m} prompt histories")
+        if streams is not None and len(streams) != m:
+            raise ValueError(f"expected {m} streams")
         device = logits.device
         # copy only when something below writes into the logits
         needs_copy = any(p.logit_bias or p.uses_penalties for p in params)
@@ -280,12 +297,16 @@ class Sampler:
         if len(greedy_rows) == m:
             sampled = x.argmax(dim=-1)
         else:
-            gens = [
-                (generators[i] if generators is not None else None) or self._shared
-                for i in random_rows
-            ]
             y = x if len(random_rows) == m else x[random_rows]
-            chosen = _draw(_truncated_probs(y, [params[i] for i in random_rows]), gens)
+            rows = [params[i] for i in random_rows]
+            if self.kernel is not None and streams is not None:
+                chosen = self._kernel_draw(y, rows, [streams[i] for i in random_rows])
+            else:
+                gens = [
+                    (generators[i] if generators is not None else None) or self._shared
+                    for i in random_rows
+                ]
+                chosen = _draw(_truncated_probs(y, rows), gens)
             if len(random_rows) == m:
                 sampled = chosen
             else:
@@ -304,6 +325,30 @@ class Sampler:
             for row, entry in zip(lp_rows, entries, strict=True):
                 logprobs[row] = entry
         return SamplerOutput(token_ids=sampled, token_id_list=token_list, logprobs=logprobs)
+
+
+    def _kernel_draw(
+        self, y: torch.Tensor, params: Sequence[SamplingParams],
+        streams: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        import torch
+
+        device = y.device
+        v = y.shape[1]
+        # the kernel takes int64 seeds: fold the 64-bit seed into 63 bits
+        seeds = torch.tensor([seed & ((1 << 63) - 1) for seed, _ in streams],
+                             dtype=torch.int64, device=device)
+        steps = torch.tensor([step for _, step in streams], dtype=torch.int64, device=device)
+        chosen: torch.Tensor = self.kernel(
+            y.contiguous(),
+            _column([p.temperature for p in params], device).squeeze(1),
+            torch.tensor([p.top_k if 0 < p.top_k < v else 0 for p in params],
+                         dtype=torch.int32, device=device),
+            _column([p.top_p for p in params], device).squeeze(1),
+            _column([p.min_p for p in params], device).squeeze(1),
+            seeds=seeds, steps=steps,
+        )
+        return chosen
 
 
 def _apply_logit_bias(x: torch.Tensor, params: Sequence[SamplingParams]) -> bool:
