@@ -377,6 +377,8 @@ class ProtocolChannel(asyncio.Protocol):
         if transport is None:
             return
         loop = asyncio.get_running_loop()
+        # Set by connection_lost, which may also come while lingering below (a reset).
+        self._closed = loop.create_future()
         try:
             if abort or self._lost:
                 return
@@ -390,9 +392,10 @@ class ProtocolChannel(asyncio.Protocol):
                         transport.resume_reading()  # what the peer still sends is discarded
                         self._peer_done = loop.create_future()
                         await self._peer_done
+            if self._lost:
+                return
             # close() sends what is still buffered first; a peer that reads nothing gets
             # the send timeout, then the abort below.
-            self._closed = loop.create_future()
             transport.close()
             with anyio.move_on_after(self._send_timeout_s):
                 await self._closed

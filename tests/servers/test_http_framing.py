@@ -249,3 +249,18 @@ async def test_a_layer_error_to_a_head_request_has_no_body() -> None:
     assert head.startswith(b"HTTP/1.1 413 ")
     assert b"\r\nconnection: close" in head
     assert body == b""
+
+
+async def test_a_peer_that_resets_while_the_server_lingers_is_let_go() -> None:
+    # A bad request gets a 400, then the server half-closes and lingers for the peer's EOF;
+    # a peer that closes with the 400 unread sends a reset instead, and that ends it too.
+    with anyio.fail_after(10):
+        async with running_server(_router(), ServerConfig(send_timeout_s=30)) as server:
+            for _ in range(3):
+                stream = await anyio.connect_tcp("127.0.0.1", server.port)
+                await stream.send(b"NOT HTTP\r\n\r\n")
+                await anyio.sleep(0.1)  # the 400 arrives unread
+                await stream.aclose()
+            with anyio.fail_after(3):
+                while server.connection_count:
+                    await anyio.sleep(0.02)
