@@ -57,6 +57,8 @@ from ._errors import (
 )
 from ._formats import (
     BACKENDS,
+    RUNTIME_DTYPES,
+    RUNTIME_QUANTIZATIONS,
     ModelEntry,
     ModelFile,
     NetworkParams,
@@ -223,6 +225,8 @@ __all__ = [
     "PLATFORM_ACCOUNT",
     "ROLES",
     "ROOT_TYPE",
+    "RUNTIME_DTYPES",
+    "RUNTIME_QUANTIZATIONS",
     "AccountExistsError",
     "Artifact",
     "BadSignatureError",

@@ -29,6 +29,8 @@ from ._fields import Fields
 
 __all__ = [
     "BACKENDS",
+    "RUNTIME_DTYPES",
+    "RUNTIME_QUANTIZATIONS",
     "ModelEntry",
     "ModelFile",
     "NetworkParams",
@@ -43,6 +45,9 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "triton")
+RUNTIME_DTYPES = ("auto", "float32", "bfloat16", "float16")
+RUNTIME_QUANTIZATIONS = ("none", "int4")
+_RUNTIME_DEFAULTS = {"dtype": "auto", "quantization": "none"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]*")
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -137,26 +142,49 @@ class ModelEntry:
 
 @attrs.frozen
 class RuntimeParams:
-    """Engine settings: backend, batch size, context length and KV-cache budget in bytes."""
+    """Engine settings: backend, batch size, context length, KV-cache budget in bytes, and
+    the numeric format the models run in.
+
+    ``dtype``: "auto" (the engine's default: float32 on CPU, the checkpoint's half type on
+    CUDA), "float32", "bfloat16" or "float16" (CUDA only). ``quantization``: "none" or "int4"
+    (4-bit weights, CPU, bfloat16: faster decode, outputs no longer exactly the
+    checkpoint's). Both were added after the first format: a payload without them means the
+    defaults, and the defaults are not written, so earlier snapshots keep their bytes and hash.
+    """
 
     backend: str
     max_batch_size: int
     max_model_len: int
     kv_cache_bytes: int
+    dtype: str = "auto"
+    quantization: str = "none"
 
     def to_payload(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        out = attrs.asdict(self)
+        for name, default in _RUNTIME_DEFAULTS.items():
+            if out[name] == default:
+                del out[name]
+        return out
 
     @classmethod
     def parse(cls, f: Fields) -> RuntimeParams:
         backend = f.text("backend")
         if backend not in BACKENDS:
             raise PayloadFormatError(f.where("backend"), f"must be one of {', '.join(BACKENDS)}")
+        choices = {}
+        for name, allowed in (("dtype", RUNTIME_DTYPES), ("quantization", RUNTIME_QUANTIZATIONS)):
+            value = f.raw(name, optional=True)
+            if value is None:
+                value = _RUNTIME_DEFAULTS[name]
+            elif value not in allowed:
+                raise PayloadFormatError(f.where(name), f"must be one of {', '.join(allowed)}")
+            choices[name] = value
         out = cls(
             backend,
             f.integer("max_batch_size", minimum=1, maximum=4096),
             f.integer("max_model_len", minimum=1, maximum=1 << 24),
             f.integer("kv_cache_bytes", maximum=MAX_SIZE),
+            **choices,
         )
         f.done()
         return out

@@ -153,6 +153,9 @@ DELETE = object()
         ("expires_at", NOW, "expires_at"),
         ("runtime.backend", "cuda-magic", "runtime.backend"),
         ("runtime.max_batch_size", 0, "runtime.max_batch_size"),
+        ("runtime.dtype", "float64", "runtime.dtype"),
+        ("runtime.dtype", 16, "runtime.dtype"),
+        ("runtime.quantization", "int8", "runtime.quantization"),
         ("network.endpoints[0]", "ftp://x", "network.endpoints[0]"),
         ("network.endpoints", [], "network.endpoints"),
         ("network.lease_timeout_ms", 30.0, "network.lease_timeout_ms"),
@@ -167,6 +170,21 @@ def test_node_config_refusals_name_the_field(path: str, value: Any, where: str) 
     with pytest.raises(PayloadFormatError) as info:
         NodeConfig.from_payload(_mutate(config_payload(), path, value))
     assert info.value.path == where
+
+
+def test_runtime_dtype_and_quantization_are_optional_and_round_trip() -> None:
+    payload = config_payload()
+    assert "dtype" not in payload["runtime"]  # the defaults are not written
+    plain = NodeConfig.from_payload(payload)
+    assert (plain.runtime.dtype, plain.runtime.quantization) == ("auto", "none")
+    assert plain.to_payload() == payload  # a snapshot without them keeps its bytes and hash
+    payload["runtime"].update(dtype="bfloat16", quantization="int4")
+    chosen = NodeConfig.from_payload(payload)
+    assert (chosen.runtime.dtype, chosen.runtime.quantization) == ("bfloat16", "int4")
+    assert chosen.to_payload() == payload
+    assert node_config_hash(chosen) != node_config_hash(plain)
+    payload["runtime"].update(dtype="auto", quantization="none")  # written defaults: same
+    assert NodeConfig.from_payload(payload) == plain
 
 
 def test_duplicate_model_and_file_names_are_refused() -> None:
