@@ -268,11 +268,13 @@ def main() -> int:
 
     rows: list[tuple[str, str, str]] = []
     hf: dict[str, float] = {}
+    summary: dict[str, tuple[float, float]] = {}  # variant: (batch-1 decode tok/s, 16 vs 1)
     prompt: list[int] = []
     for dtype in dtypes:
         short = _SHORT[dtype]
         res, prompt = measure_engine(args.model, dtype, args.tokens, args.prompt_len, args.runs)
         dec, dec_load = res["decode"]
+        summary[dtype] = (dec, res["agg16"][0] / res["agg1"][0])
         rows += [(f"engine {short} load (s)", f"{res['load_s'][0]:.2f}", res["load_s"][1]),
                  (f"engine {short} decode tok/s, batch 1", f"{dec:.1f}", dec_load)]
         if not args.skip_hf and dtype != "int4":
@@ -314,6 +316,13 @@ def main() -> int:
     print(f"|{'-' * (width + 2)}|-------|---------|")
     for k, v, lo in rows:
         print(f"| {k.ljust(width)} | {v} | {lo} |")
+    best_hf = max(hf.values(), default=0.0)
+    for dtype, (dec, ratio) in summary.items():
+        vs = (f"{dec / best_hf:.2f}x transformers' best ({max(hf, key=hf.__getitem__)})"
+              if best_hf else "transformers skipped")
+        print(f"# {dtype}: batch-1 decode {vs} (target 2x: "
+              f"{'met' if best_hf and dec >= 2 * best_hf else 'not met'}); 16 vs 1 "
+              f"{ratio:.2f}x (target 8x: {'met' if ratio >= 8 else 'not met'})")
     load = Path("/proc/loadavg").read_text().split()[:3]
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     print(f"# loadavg after {' '.join(load)}; this process used {cpu:.0f} CPU-s in {wall:.0f} s "
