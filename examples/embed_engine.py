@@ -32,6 +32,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else init_model_dir(
             Path(tmp) / "tiny", "tiny", 0)
+        # CPU defaults to float32 (matches transformers); dtype="bfloat16" is faster, and
+        # quantization="int4" (4-bit weights) decodes fastest at a small cost in accuracy
         engine = Engine.from_pretrained(model_dir, kv_cache_bytes=32 << 20)
 
         # batched, blocking: one RequestOutput per prompt, in order
