@@ -71,10 +71,10 @@ def _sampling_kernel(backend: AttentionBackend, device: torch.device) -> Any:
     or on CPU under TRITON_INTERPRET=1), else None (the torch sampler)."""
     if backend.name != "triton":
         return None
-    from resultity_kernels import sample
-    from resultity_kernels._triton_compat import interpreting
-
-    return sample if device.type == "cuda" or interpreting() else None
+    # imported by name, as the backend is: the kernels package is not type-checked
+    kernels = importlib.import_module("resultity_kernels")
+    compat = importlib.import_module("resultity_kernels._triton_compat")
+    return kernels.sample if device.type == "cuda" or compat.interpreting() else None
 
 
 @dataclass(eq=False)

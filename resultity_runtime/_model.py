@@ -71,9 +71,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.int4 is not None:  # the kernels take [rows, in] contiguous
-            out = self.int4.matmul(x.reshape(-1, x.shape[-1]).contiguous())
-            out = out.view(*x.shape[:-1], out.shape[-1])
-            return out if self.bias is None else out.add_(self.bias)
+            rows = self.int4.matmul(x.reshape(-1, x.shape[-1]).contiguous())
+            rows = rows.view(*x.shape[:-1], rows.shape[-1])
+            return rows if self.bias is None else rows.add_(self.bias)
         if self.packed is not None and x.numel() >= self.packed_min_rows * x.shape[-1]:
             out: Tensor = _linear_pointwise(x, self.packed, self.bias, "none", [], "")
             return out

@@ -116,7 +116,7 @@ def quantize_int4(weight: Tensor, group_size: int = 32) -> Int4Weight:
     """
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"group_size: {group_size} is not one of {INT4_GROUP_SIZES}")
-    if weight.dim() != 2 or not int4_eligible(*weight.shape, group_size):
+    if weight.dim() != 2 or not int4_eligible(weight.shape[0], weight.shape[1], group_size):
         raise ValueError(f"weight: shape {tuple(weight.shape)} needs rows a multiple of "
                          f"{_ROWS_MULTIPLE} and columns a multiple of {group_size}")
     if _pack is None:
