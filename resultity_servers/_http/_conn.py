@@ -515,8 +515,12 @@ class _ResponseWriter:
         self.chunked = False
 
     def _head(self, status: int, headers: HeaderList, framing: bytes) -> bytes:
-        if type(status) is not int or not 200 <= status <= 999:
-            raise _BadResponse(f"status {status!r} is not a final HTTP status")
+        if type(status) is not int:
+            if not isinstance(status, int) or isinstance(status, bool):
+                raise _BadResponse(f"status {status!r} is not an integer")
+            status = int(status)  # an HTTPStatus
+        if not 200 <= status <= 999:
+            raise _BadResponse(f"status {status} is not a final HTTP status")
         lines = [_status_line(status)]
         for item in headers:
             if item[0] in _FRAMING:

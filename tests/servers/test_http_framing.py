@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 
 import anyio
 import anyio.abc
@@ -72,6 +73,13 @@ def _router() -> Router:
     @router.route("GET", "/injection")
     async def injection(request: Request) -> Response:
         return Response.text("x", headers={"x-a": "1\r\nset-cookie: evil=1"})
+
+    @router.route("GET", "/status")
+    async def status(request: Request) -> Response:
+        code = request.query
+        if code == "enum":
+            return Response(HTTPStatus.CREATED, (), b"made")
+        return Response(int(code) if code.isdigit() else code, (), b"")  # type: ignore[arg-type]
 
     @router.route("GET", "/big")
     async def big(request: Request) -> Response:
@@ -264,3 +272,17 @@ async def test_a_peer_that_resets_while_the_server_lingers_is_let_go() -> None:
             with anyio.fail_after(3):
                 while server.connection_count:
                     await anyio.sleep(0.02)
+
+
+async def test_status_codes_are_checked_and_http_status_members_accepted() -> None:
+    async with _serve() as (_, stream):
+        await stream.send(
+            b"GET /status?enum HTTP/1.1\r\nhost: t\r\n\r\n"
+            b"GET /status?150 HTTP/1.1\r\nhost: t\r\n\r\n"
+            b"GET /status?x HTTP/1.1\r\nhost: t\r\n\r\n"
+            b"GET /status?599 HTTP/1.1\r\nhost: t\r\n\r\n"
+        )
+        responses = await _responses(stream, 4)
+    assert [(head.status_code, body) for head, body in responses[:1]] == [(201, b"made")]
+    assert responses[0][0].reason == b"Created"
+    assert [head.status_code for head, _ in responses[1:]] == [500, 500, 599]
