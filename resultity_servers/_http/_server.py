@@ -4,6 +4,10 @@
 serves until ``shutdown()``: it then stops accepting, closes idle keep-alive connections, lets
 requests and streams in flight finish for up to ``shutdown_timeout_s`` (their responses carry
 ``connection: close``), and cancels what is left.
+
+Each accepted connection gets a channel under its ``Connection``: on the asyncio backend an
+asyncio Protocol (``ProtocolChannel``: bytes arrive in callbacks, writes go straight to the
+transport), on other anyio backends an anyio stream read by a task (``StreamChannel``).
 """
 
 from __future__ import annotations
