@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import json as _json
+import select
+import socket
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal, Self
@@ -157,6 +159,8 @@ class _CoalescingStream(httpcore.AsyncNetworkStream):
         self._pending: list[bytes] = []
         self._size = 0
         self._timeout: float | None = None
+        sock = stream.get_extra_info("socket")
+        self._sock = sock if isinstance(sock, socket.socket) else None
 
     async def _flush(self) -> None:
         if self._pending:
@@ -191,6 +195,16 @@ class _CoalescingStream(httpcore.AsyncNetworkStream):
         return _CoalescingStream(tls)
 
     def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and self._sock is not None:
+            # Asked before every reuse of a pooled connection (readable while idle means
+            # the server closed it). The wrapped stream answers through anyio's extra(),
+            # which builds every socket attribute each time; poll the descriptor directly.
+            fd = self._sock.fileno()
+            if fd < 0:
+                return True  # closed: as httpcore, "readable" (the next read ends)
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
         return self._stream.get_extra_info(info)
 
 
