@@ -268,6 +268,11 @@ class NetworkApp(CloudRoutes):
             except WireMessageError as exc:
                 raise WireMessageError(f"events[{index}].{exc.field}", exc.reason) from None
         cancel = self.coordinator.post_events(node_id, events, self.clock())
+        # The job streams woken here send the new events before this answers the node (on
+        # a loop shared with the Cloud and the node, the events are on the path to the
+        # client; the answer is not).
+        self.wake()
+        await anyio.sleep(0)
         return Response.json({"_type": "events_reply", "cancel": list(cancel)})
 
     async def receipt(self, request: Request) -> Reply:

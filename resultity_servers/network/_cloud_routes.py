@@ -128,6 +128,12 @@ class CloudRoutes:
             reserve=None if reserve is None else int_field(body, "reserve"),
             choices=None if choices is None else int_field(body, "choices"),
         )
+        if job.state == JobState.LEASED:
+            # Handed to the node's waiting lease poll: let it answer the node before this
+            # answers the Cloud (on a loop shared with them, the lease is on the path to the
+            # first token; the Cloud's answer is not, it only needs it before that token).
+            self.wake()
+            await anyio.sleep(0)
         if stream:
             return StreamingResponse.sse(self._event_stream(job.job_id, 0),
                                          headers={JOB_ID_HEADER: job.job_id})
