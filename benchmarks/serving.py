@@ -266,6 +266,143 @@ class Stack:
         self.log.close()
 
 
+# --- the same stack, one process per server (``--split``) ---------------------------------------
+#
+# ``resultity demo`` runs the Network, the Cloud and the Agent on one event loop; deployments
+# run them as separate ``resultity network|cloud|node serve`` processes. ``--split`` starts
+# each in its own process from the same prepared demo directory (demo keys, grant, config and
+# accounts), so the two layouts are measured with the same model, config and client.
+
+
+def serve_part(part: str, data_dir: Path, threads: int) -> None:
+    """Run one server of the split stack until SIGINT/SIGTERM (``--serve-part``).
+
+    The network prints ``{"network_url", "service_token", "api_key"}``, the cloud its port;
+    the node prints nothing (the Cloud's ``/health`` says when it serves).
+    """
+    import secrets
+
+    from resultity_servers.cloud import CloudSettings, running_cloud
+    from resultity_servers.demo import DemoOptions, prepare_demo
+    from resultity_servers.demo._run import _ensure_accounts, _publish
+    from resultity_servers.network import CoordinatorSettings, NetworkSettings, running_network
+    from resultity_servers.node import NodeSettings, build_agent
+
+    options = DemoOptions(data_dir=data_dir, port=0, preset="tiny", runtime_threads=threads)
+    files = prepare_demo(options, lambda message: None)
+    info_path = data_dir / "split.json"
+
+    async def network() -> None:
+        token = "svc-" + secrets.token_urlsafe(24)
+        settings = NetworkSettings(
+            host="127.0.0.1", port=0, data_dir=str(data_dir / "network"), service_token=token,
+            coordinator=CoordinatorSettings(heartbeat_timeout_s=options.heartbeat_timeout_s,
+                                            trust_root=files.trust),
+            tick_interval_s=0.25)
+        async with running_network(settings) as (server, app):
+            url = f"http://127.0.0.1:{server.port}"
+            _publish(app.coordinator, files, url)
+            key = _ensure_accounts(app.coordinator, files, options)
+            print(json.dumps({"network_url": url, "service_token": token, "api_key": key}),
+                  flush=True)
+            await anyio.sleep_forever()
+
+    async def cloud() -> None:
+        info = json.loads(info_path.read_text())
+        settings = CloudSettings(host="127.0.0.1", port=0, network_url=info["network_url"],
+                                 service_token=info["service_token"])
+        async with running_cloud(settings) as (server, _app):
+            print(server.port, flush=True)
+            await anyio.sleep_forever()
+
+    async def node() -> None:
+        info = json.loads(info_path.read_text())
+        agent = build_agent(NodeSettings(
+            info["network_url"], files.node_dir(0), models_dir=files.models_dir,
+            runtime_threads=threads, device=options.device,
+            network_namespace=options.network_namespace))
+        try:
+            await agent.run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await agent.transport.aclose()
+
+    async def main() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon({"network": network, "cloud": cloud, "node": node}[part])
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    break
+
+    anyio.run(main)
+
+
+class SplitStack(Stack):
+    """The Network, the Cloud and the Agent each in its own process (``--split``)."""
+
+    def __init__(self, data_dir: Path, threads: int) -> None:
+        self.data_dir = data_dir
+        self.log = open(data_dir / "bench-split.log", "w")  # noqa: SIM115 - closed in stop()
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        try:
+            info = json.loads(self._start("network", threads))
+            (data_dir / "split.json").write_text(json.dumps(info))
+            self.api_key = info["api_key"]
+            self.port = int(self._start("cloud", threads))
+            self._start("node", threads, wait=False)
+            self._wait_ready(300)
+        except BaseException:
+            self.stop()
+            raise
+        self.proc = self.procs["cloud"]  # the process the GET /v1/models row measures
+
+    def _start(self, part: str, threads: int, *, wait: bool = True) -> str:
+        argv = [sys.executable, __file__, "--serve-part", part, "--data-dir", str(self.data_dir),
+                "--threads", str(threads)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.procs[part] = proc
+        if not wait:
+            return ""
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the {part} did not start; see {self.data_dir / 'bench-split.log'}")
+        return line
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5):
+                    return  # 200: a node serves
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit(f"no node became ready; see {self.data_dir / 'bench-split.log'}")
+
+    def processes(self) -> dict[str, int]:
+        """Return ``{label: pid}`` of the three servers and the node's Runtime children."""
+        out = {name: proc.pid for name, proc in self.procs.items()}
+        for i, pid in enumerate(children(self.procs["node"].pid)):
+            out[f"runtime-{i + 1}"] = pid
+        return out
+
+    def stop(self) -> None:
+        for name in ("node", "cloud", "network"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.log.close()
+
+
 def make_engine(model_dir: Path, threads: int) -> Any:
     """Return an Engine configured like the demo's Runtime (NodeConfig runtime params)."""
     import torch
@@ -627,8 +764,17 @@ def main() -> int:
     parser.add_argument("--breakdown", type=int, default=0, metavar="N",
                         help="instead: print the median timeline of N requests through an "
                         "in-process demo")
+    parser.add_argument("--split", action="store_true",
+                        help="run the Network, the Cloud and the node's Agent each in its own "
+                        "process (as separate 'resultity ... serve' deployments do) instead of "
+                        "the demo's one process")
     parser.add_argument("--serve", choices=["resultity", "uvicorn"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve-part", choices=["network", "cloud", "node"],
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_part:
+        serve_part(args.serve_part, Path(args.data_dir), args.threads)
+        return 0
     if args.serve == "resultity":
         serve_resultity()
         return 0
@@ -641,15 +787,17 @@ def main() -> int:
             anyio.run(breakdown, args.breakdown, args.max_tokens, args.threads,
                       Path(args.data_dir or tmp))
         return 0
+    layout = ("network, cloud and agent in separate processes (--split)" if args.split
+              else "network, cloud and agent in the demo's one process")
     print(f"serving benchmark, tiny model, {args.threads} torch thread(s), {os.cpu_count()} "
-          f"CPUs, load average {load_average()}")
+          f"CPUs, {layout}, load average {load_average()}")
     print(f"| {'measure':<58} | {'value':>22} | {'target':<26} |")
     print(f"|{'-' * 60}|{'-' * 24}|{'-' * 28}|")
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
         data_dir = Path(args.data_dir or tmp)
         data_dir.mkdir(parents=True, exist_ok=True)
         if not skip >= {"ttft", "load", "rps"}:
-            stack = Stack(data_dir, args.threads)
+            stack = (SplitStack if args.split else Stack)(data_dir, args.threads)
             try:
                 if "ttft" not in skip:
                     engine = make_engine(stack.model_dir(), args.threads)
