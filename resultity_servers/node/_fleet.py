@@ -133,6 +133,8 @@ class Fleet:
                             threads=res.max_cpu_threads or base.threads,
                             workdir=base.workdir / entry.name.replace("/", "--"))
         load = LoadModel(entry.name, str(path), device=self.device, backend=rt.backend,
+                         dtype=None if rt.dtype == "auto" else rt.dtype,
+                         quantization=None if rt.quantization == "none" else rt.quantization,
                          max_num_seqs=rt.max_batch_size, max_model_len=rt.max_model_len,
                          kv_cache_bytes=rt.kv_cache_bytes or None)
         return spec, load

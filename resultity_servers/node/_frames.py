@@ -118,6 +118,7 @@ class LoadModel(RuntimeMessage):
         "path": (check_str(4096), _REQUIRED),
         "device": (check_str(64), "cpu"),
         "dtype": (optional(check_str(32)), None),
+        "quantization": (optional(check_str(32)), None),
         "backend": (check_str(32), "auto"),
         "max_num_seqs": (check_int(1, 4096), 16),
         "max_model_len": (optional(check_int(1, 1 << 24)), None),
@@ -128,6 +129,7 @@ class LoadModel(RuntimeMessage):
     path: str
     device: str = "cpu"
     dtype: str | None = None
+    quantization: str | None = None
     backend: str = "auto"
     max_num_seqs: int = 16
     max_model_len: int | None = None

@@ -175,6 +175,7 @@ class _Runtime:
         self.engine = None
         try:
             self.engine = Engine.from_pretrained(m.path, device=m.device, dtype=m.dtype,
+                                                 quantization=m.quantization,
                                                  **kwargs)
         except Exception as exc:  # reported to the agent, which decides whether to retry
             self.writer.send(ErrorFrame(None, f"load_model {m.name}: {type(exc).__name__}: "

@@ -433,3 +433,23 @@ async def test_a_leased_job_reaches_the_runtime_before_the_next_poll_and_beat(no
     assert {e.job_id for e in node.network.events} == set(jobs)
     assert ("lease", True) in seen
     assert all(handed for _, handed in seen), seen  # polls and beats, if any came
+
+
+async def test_the_configs_dtype_and_quantization_reach_the_runtime(node: Node) -> None:
+    chosen = attrs.evolve(node.config(1), runtime=RuntimeParams(
+        "auto", 4, 256, 0, dtype="bfloat16", quantization="int4"))
+    agent = node.agent()
+    async with running(agent):
+        await serving(agent, node.network.publish(chosen))
+        (served,) = agent.runtimes.values()
+        assert served.supervisor.model is not None
+        assert (served.supervisor.model.dtype, served.supervisor.model.quantization) == (
+            "bfloat16", "int4")
+        # back to the defaults: a new Runtime loads the model with the engine's own choices
+        plain = attrs.evolve(chosen, version=2, runtime=RuntimeParams("auto", 4, 256, 0))
+        await serving(agent, node.network.publish(plain))
+        await until(lambda: next(iter(agent.runtimes.values())) is not served)
+        (fresh,) = agent.runtimes.values()
+        assert fresh.supervisor.model is not None
+        assert (fresh.supervisor.model.dtype, fresh.supervisor.model.quantization) == (
+            None, None)
