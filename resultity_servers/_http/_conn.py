@@ -1,91 +1,59 @@
-"""One server-side HTTP/1.1 connection: h11 parses the requests, responses are framed here.
+"""One server-side HTTP/1.1 connection: h11 parses its requests, ``_framing`` frames responses.
 
-The bytes come from a ``Channel`` (the two kinds are in ``_server.py``): an asyncio Protocol
-on the asyncio backend, an anyio stream with a reader task elsewhere. Either
+The bytes come from a ``Channel`` (the interface and its two kinds are in ``_channels.py``): an
+asyncio Protocol on the asyncio backend, an anyio stream with a reader task elsewhere. Either
 way the channel pushes what it receives into ``Connection.feed``, so a client that goes away is
 noticed at once (the handler is cancelled) without a task per request.
 
-h11 validates every request; a new h11 state machine per request/response cycle is cheaper
-than sending the response through h11 (whose header validation and state bookkeeping were a
-fifth of the server's time per request), so responses are serialized by ``_ResponseWriter``
-below with the same framing rules: ``content-length`` for complete bodies, chunked for streams
-to HTTP/1.1 clients, close-delimited for HTTP/1.0 ones, no body for HEAD, 204 and 304.
+h11 validates every request, with a new h11 state machine per request/response cycle;
+responses are serialized by ``ResponseWriter`` (``_framing.py``), not sent through h11.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
-import re
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
-from email.utils import formatdate
-from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import anyio
 import h11
 
-from ._types import HeaderList, Request, Response, StreamingResponse
+from ._channels import Channel, ClientGone
+from ._framing import BadResponse, ResponseWriter
+from ._types import Request, Response, StreamingResponse
 
 if TYPE_CHECKING:
     from ._server import HTTPServer
 
-__all__ = ["Channel", "ClientGone", "Connection"]
+__all__ = ["Connection"]
 
 log = logging.getLogger("resultity.http")
 
 # Bytes a client may pipeline while its previous request is still being answered.
 _MAX_PIPELINED = 256 * 1024
-_date_cache: tuple[int, bytes] = (0, b"")
-
-
-def _date_line() -> bytes:
-    global _date_cache  # noqa: PLW0603 - one formatted Date per second, shared by all connections
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, b"date: %s\r\n" % formatdate(now, usegmt=True).encode("ascii"))
-    return _date_cache[1]
-
-
-class ClientGone(Exception):
-    """The peer closed, reset, or stopped reading; nothing more can be sent."""
 
 
 class _Close(Exception):
     """End this connection now (after any error response was sent)."""
 
 
-class _BadResponse(Exception):
-    """A handler's response cannot be sent as HTTP (bad status or header)."""
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status if status in (400, 431) else 400
+        self.message = message
 
 
-class Channel(Protocol):
-    """The byte transport under one connection (``_server.py`` has the two kinds)."""
-
-    client: tuple[str, int] | None
-
-    def attach(self, connection: Connection) -> Callable[[], Coroutine[Any, Any, None]] | None:
-        """Start pushing received bytes into ``connection.feed`` (b"" at EOF); return a reader
-        to run as a task if the channel needs one, None if the transport calls back by itself."""
-
-    async def write(self, data: bytes) -> None:
-        """Send ``data``; raises ClientGone if the peer is gone. Waits only when the peer
-        reads slower than we write."""
-
-    def pause_reading(self) -> None:
-        """Stop receiving until ``resume_reading`` (a client pipelining too much)."""
-
-    def resume_reading(self) -> None:
-        """Receive again after ``pause_reading``."""
-
-    async def close(self, *, linger: bool, abort: bool) -> None:
-        """Close: ``linger`` half-closes and drains the peer briefly first (so an error
-        response is not destroyed by a reset); ``abort`` drops unsent bytes (a stalled peer)."""
+class _Status(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class Connection:
@@ -299,7 +267,7 @@ class Connection:
         except _Status as exc:
             await self._send_error(exc.status, exc.message)
             return False
-        writer = _ResponseWriter(head, headers, self.server.shutting_down)
+        writer = ResponseWriter(head, headers, self.server.shutting_down)
         gone = await self._dispatch(request, writer)
         if gone or writer.close or self.server.shutting_down:
             return False
@@ -349,7 +317,7 @@ class Connection:
             http_version=head.http_version.decode("ascii"),
         )
 
-    async def _dispatch(self, request: Request, writer: _ResponseWriter) -> bool:
+    async def _dispatch(self, request: Request, writer: ResponseWriter) -> bool:
         """Run the handler and send its response; return True if the connection must end."""
         if self._eof:
             request.disconnected.set()
@@ -367,7 +335,7 @@ class Connection:
             self._active = None
         return request.disconnected.is_set()
 
-    async def _respond(self, request: Request, writer: _ResponseWriter) -> None:
+    async def _respond(self, request: Request, writer: ResponseWriter) -> None:
         try:
             response = await self.server.handler(request)
         except Exception:
@@ -383,11 +351,11 @@ class Connection:
             await self._send_response(request, writer, error)
 
     async def _send_response(
-        self, request: Request, writer: _ResponseWriter, response: Response
+        self, request: Request, writer: ResponseWriter, response: Response
     ) -> None:
         try:
             data = writer.complete(response.status, response.headers, response.body)
-        except _BadResponse as exc:
+        except BadResponse as exc:
             log.error("handler returned an invalid response for %s: %s", request.path, exc)
             error = self.config.error_response(500, "internal server error")
             data = writer.complete(error.status, error.headers, error.body)
@@ -395,13 +363,13 @@ class Connection:
         await self._write(data)  # one write for the whole response
 
     async def _send_stream(
-        self, request: Request, writer: _ResponseWriter, response: StreamingResponse
+        self, request: Request, writer: ResponseWriter, response: StreamingResponse
     ) -> None:
         chunks = response.chunks
         try:
             try:
                 head = writer.stream_head(response.status, response.headers)
-            except _BadResponse as exc:
+            except BadResponse as exc:
                 log.error("handler returned an invalid stream head for %s: %s", request.path, exc)
                 error = self.config.error_response(500, "internal server error")
                 await self._send_response(request, writer, error)
@@ -448,128 +416,6 @@ class Connection:
         self._started = True
         response = self.config.error_response(status, message)
         head = self._head  # known unless the head itself was bad: a HEAD gets no body
-        writer = _ResponseWriter(head, list(head.headers) if head else [], closing=True)
-        with contextlib.suppress(ClientGone, _BadResponse):
+        writer = ResponseWriter(head, list(head.headers) if head else [], closing=True)
+        with contextlib.suppress(ClientGone, BadResponse):
             await self._write(writer.complete(status, response.headers, response.body))
-
-
-# --- response framing ------------------------------------------------------------------------
-
-# RFC 9110 field names (tokens) and values, as h11 validates them.
-_FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
-_LINES: dict[tuple[str, str], bytes] = {}  # validated header -> its encoded line
-_MAX_CACHED_LINES = 4096
-_FRAMING = frozenset({"content-length", "transfer-encoding"})
-
-
-def _header_line(item: tuple[str, str]) -> bytes:
-    line = _LINES.get(item)
-    if line is not None:
-        return line
-    try:
-        name, value = item[0].encode("ascii"), item[1].encode("ascii")
-    except (UnicodeEncodeError, AttributeError, IndexError) as exc:
-        raise _BadResponse(f"header {item!r} is not ASCII text") from exc
-    if not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
-        raise _BadResponse(f"illegal header {item!r}")
-    line = b"%s: %s\r\n" % (name, value)
-    if len(_LINES) >= _MAX_CACHED_LINES:
-        _LINES.clear()  # handlers that put per-request values in headers: keep it bounded
-    _LINES[item] = line
-    return line
-
-
-@functools.cache
-def _status_line(status: int) -> bytes:
-    try:
-        reason = HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        reason = b""
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
-
-
-class _ResponseWriter:
-    """Frames one response to the request ``head`` (None: a layer error, no valid request)."""
-
-    __slots__ = ("chunked", "close", "has_body", "head_only", "http10")
-
-    def __init__(
-        self,
-        head: h11.Request | None,
-        headers: list[tuple[bytes, bytes]],
-        closing: bool = False,
-    ) -> None:
-        self.close = closing
-        self.head_only = head is not None and head.method == b"HEAD"
-        self.http10 = head is None or head.http_version != b"1.1"
-        if head is not None and not self.close:
-            # h11's keep-alive rule: HTTP/1.1 without ``connection: close``.
-            if self.http10:
-                self.close = True
-            else:
-                for name, value in headers:
-                    if name == b"connection" and b"close" in value.lower():
-                        self.close = True
-        self.has_body = not self.head_only
-        self.chunked = False
-
-    def _head(self, status: int, headers: HeaderList, framing: bytes) -> bytes:
-        if type(status) is not int:
-            if not isinstance(status, int) or isinstance(status, bool):
-                raise _BadResponse(f"status {status!r} is not an integer")
-            status = int(status)  # an HTTPStatus
-        if not 200 <= status <= 999:
-            raise _BadResponse(f"status {status} is not a final HTTP status")
-        lines = [_status_line(status)]
-        for item in headers:
-            if item[0] in _FRAMING:
-                continue  # the framing is ours to choose
-            if item[0] == "connection" and "close" in item[1].lower():
-                self.close = True
-                continue  # sent below, once
-            lines.append(_header_line(item))
-        lines.append(framing)
-        lines.append(_date_line())
-        lines.append(b"connection: close\r\n\r\n" if self.close else b"\r\n")
-        return b"".join(lines)
-
-    def complete(self, status: int, headers: HeaderList, body: bytes) -> bytes:
-        """Return the whole response with ``content-length`` framing."""
-        if status in (204, 304):
-            self.has_body = False
-        head = self._head(status, headers, b"content-length: %d\r\n" % len(body))
-        return head + body if self.has_body and body else head
-
-    def stream_head(self, status: int, headers: HeaderList) -> bytes:
-        """Return the head of a streamed response (chunked, or close-delimited for HTTP/1.0)."""
-        if status in (204, 304):
-            self.has_body = False
-            return self._head(status, headers, b"content-length: 0\r\n")
-        if self.http10:
-            self.close = self.close or self.has_body
-            return self._head(status, headers, b"")
-        self.chunked = True
-        return self._head(status, headers, b"transfer-encoding: chunked\r\n")
-
-    def chunk(self, data: bytes) -> bytes:
-        """Return ``data`` framed as one chunk of the body (as is when close-delimited)."""
-        return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
-
-    def end(self) -> bytes:
-        """Return what ends the body: the last chunk, or nothing."""
-        return b"0\r\n\r\n" if self.chunked else b""
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status if status in (400, 431) else 400
-        self.message = message
-
-
-class _Status(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message

@@ -49,7 +49,7 @@ async def test_the_stream_channel_is_the_one_in_use(monkeypatch: pytest.MonkeyPa
     import anyio
 
     from resultity_servers._http import Request, Response, running_server
-    from resultity_servers._http._server import StreamChannel
+    from resultity_servers._http._channels import StreamChannel
 
     seen: list[str] = []
 
