@@ -153,7 +153,7 @@ class CloudRoutes:
         return StreamingResponse.sse(self._event_stream(job_id, start))
 
     async def _event_stream(self, job_id: str, index: int) -> AsyncIterator[bytes]:
-        finished = False
+        finished = delivered = False
         try:
             while True:
                 wakeup = waiter(self._job_waiters, job_id)
@@ -164,6 +164,7 @@ class CloudRoutes:
                 if view.finished:
                     finished = True
                     yield encode_event("[DONE]")
+                    delivered = True
                     return
                 with anyio.move_on_after(self.keepalive_s) as scope:
                     await wakeup.wait()
@@ -175,7 +176,9 @@ class CloudRoutes:
             event = self._job_waiters.pop(job_id, None)
             if event is not None:
                 event.set()
-            if not finished:
+            if delivered:
+                self.coordinator.stream_delivered(job_id, self.clock())
+            elif not finished:
                 try:
                     self.coordinator.cancel_job(job_id, self.clock())
                 except ResultityError:

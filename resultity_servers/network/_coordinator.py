@@ -284,8 +284,10 @@ class Coordinator(NodeDesk):
                 self._settle_without_receipt(tx, job, now)
             self._dispatch(tx)
         retention = self.settings.event_retention_s
-        for job_id in [j for j, s in self._streams.items()
-                       if s.finished_at is not None and s.finished_at + retention < now]:
+        delivered = self.settings.delivered_retention_s
+        for job_id in [j for j, s in self._streams.items() if s.finished_at is not None and (
+                s.finished_at + retention < now
+                or (s.delivered_at is not None and s.delivered_at + delivered < now))]:
             del self._streams[job_id]
 
     def _settle_without_receipt(self, tx: StoreTx, job: JobRecord, now: float) -> None:

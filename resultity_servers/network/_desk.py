@@ -47,6 +47,7 @@ class JobStream:
         self.done_indexes: set[int] = set()
         self.usage: JobUsage | None = None
         self.finished_at: float | None = None
+        self.delivered_at: float | None = None  # a reader had every event, [DONE] included
         # Set when the Network itself ended the job (not the node): why, for the Cloud.
         self.error_code: str | None = None
 

@@ -317,6 +317,13 @@ class JobDesk(DeskBase):
         return JobEventsView(job_id, events, stream.finished_at is not None,
                              max(after, len(stream.events)), stream.error_code)
 
+    def stream_delivered(self, job_id: str, now: float) -> None:
+        """Note that a reader received the whole of a finished job's stream: its events are
+        then kept ``delivered_retention_s`` instead of ``event_retention_s``."""
+        stream = self._streams.get(job_id)
+        if stream is not None and stream.finished_at is not None and stream.delivered_at is None:
+            stream.delivered_at = now
+
     def cancel_job(self, job_id: str, now: float, *, account_id: str | None = None) -> JobRecord:
         """Cancel a job (idempotent: a finished job is returned unchanged).
 

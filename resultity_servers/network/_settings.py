@@ -25,6 +25,10 @@ class CoordinatorSettings:
     released). ``job_timeout_s``: a leased job must finish within this time of its lease (it
     fails otherwise, charged for what streamed). ``receipt_timeout_s``: a finished job
     whose receipt has not arrived by then is settled on the usage the node streamed.
+    ``event_retention_s``: a finished job's events stay in memory this long, for a reader
+    that reconnects (``?after=N``); ``delivered_retention_s``: this long only, once a reader
+    has received the whole stream (a later reader gets an error event saying so). Memory
+    under load is then bounded by a few seconds of jobs, not two minutes of them.
     ``max_attempts``: nodes a job may be leased to (a node dying before the first token
     costs one attempt). ``node_share_bps``: the node account's share of each charge in basis
     points; the platform account gets the rest. ``trust_root``: when set, published snapshots
@@ -38,6 +42,7 @@ class CoordinatorSettings:
     challenge_ttl_s: float = attrs.field(default=60.0, validator=_positive)
     session_ttl_s: float = attrs.field(default=86_400.0, validator=_positive)
     event_retention_s: float = attrs.field(default=120.0, validator=_positive)
+    delivered_retention_s: float = attrs.field(default=5.0, validator=_positive)
     max_attempts: int = attrs.field(default=3, validator=_positive)
     node_share_bps: int = attrs.field(
         default=8_000,

@@ -603,3 +603,34 @@ async def test_admin_client_manages_accounts_and_config() -> None:
             with pytest.raises(AdminRequestError) as info:
                 await intruder.list_accounts()
             assert info.value.status == 401
+
+
+async def test_a_stream_read_to_the_end_is_released_before_the_retention_window() -> None:
+    # Memory under load: a finished job's events stay for event_retention_s (a reader may
+    # reconnect), but once a reader has had [DONE] only delivered_retention_s.
+    async with deployment(event_retention_s=60, delivered_retention_s=0.2) as d, \
+            HTTPClient(d.server.url) as http:
+        async with node_and_cloud(d, http) as (node, cloud, account):
+            coordinator = d.app.coordinator
+            read = await cloud.submit(account, JobSubmission(
+                "completion", "tiny", {"model": "tiny", "prompt": ["Hi"]}, 500, 1))
+            [lease] = await node.lease(1_000)
+            await node.run(lease, ["a", "b"])
+            events = [e async for e in cloud.events(read)]
+            assert isinstance(events[-1], DoneEvent)
+            # a job finished on the Network with nobody reading its stream keeps its events
+            unread = coordinator.submit_job("alice", "tiny", {
+                "kind": "completion", "prompt": "hi"}, now=time.time(), max_tokens=4)
+            [lease] = await node.lease(1_000)
+            await node.run(lease, ["c"])
+            with anyio.fail_after(5):
+                while read.job_id in coordinator._streams:
+                    await anyio.sleep(0.02)
+            assert unread.job_id in coordinator._streams
+            view = coordinator.job_events(unread.job_id)
+            assert view.finished
+            assert [e.text for e in view.events if e.kind == "token"] == ["c"]
+            # the released job's late reader learns that its output is gone, in one event
+            late = coordinator.job_events(read.job_id)
+            assert [e.kind for e in late.events] == ["error"]
+            assert late.finished
