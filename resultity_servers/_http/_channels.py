@@ -38,6 +38,12 @@ class Channel(Protocol):
         """Send ``data``; raises ClientGone if the peer is gone. Waits only when the peer
         reads slower than we write."""
 
+    async def write_held(self, data: bytes) -> None:
+        """Send ``data`` together with the next ``write`` if that comes before the event
+        loop's next turn, else on its own then (a stream's head goes out with its first
+        chunk when that is ready at once, one wake-up of the peer less, and is never held
+        for a slow one). A channel may also just send it now."""
+
     def pause_reading(self) -> None:
         """Stop receiving until ``resume_reading`` (a client pipelining too much)."""
 
@@ -65,6 +71,7 @@ class ProtocolChannel(asyncio.Protocol):
         self._eof = False
         self._lost = False
         self._write_paused = False
+        self._held: bytes | None = None  # write_held's data, until the next write or turn
         self._drain: asyncio.Future[None] | None = None
         self._peer_done: asyncio.Future[None] | None = None  # EOF or lost, while lingering
         self._closed: asyncio.Future[None] | None = None
@@ -132,12 +139,31 @@ class ProtocolChannel(asyncio.Protocol):
         transport = self._transport
         if self._lost or transport is None or transport.is_closing():
             raise ClientGone
+        if self._held is not None:
+            data, self._held = self._held + data, None
         transport.write(data)
         if self._write_paused:
             self._drain = asyncio.get_running_loop().create_future()
             await self._drain
             if self._lost:
                 raise ClientGone
+
+    async def write_held(self, data: bytes) -> None:
+        """Hold ``data`` for the next ``write`` or the loop's next turn; raises ClientGone."""
+        transport = self._transport
+        if self._lost or transport is None or transport.is_closing():
+            raise ClientGone
+        if self._held is None:
+            self._held = data
+            asyncio.get_running_loop().call_soon(self._flush_held)
+        else:
+            self._held += data
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, None
+        transport = self._transport
+        if held and not self._lost and transport is not None and not transport.is_closing():
+            transport.write(held)  # a full buffer shows up at the next write (pause_writing)
 
     def pause_reading(self) -> None:
         """Stop reading from the socket."""
@@ -162,6 +188,7 @@ class ProtocolChannel(asyncio.Protocol):
         try:
             if abort or self._lost:
                 return
+            self._flush_held()  # before the EOF or the close below
             if linger and transport.can_write_eof():
                 with anyio.move_on_after(0.5, shield=True):
                     try:
@@ -227,6 +254,10 @@ class StreamChannel:
             await self.stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             raise ClientGone from exc
+
+    async def write_held(self, data: bytes) -> None:
+        """Send ``data`` now (anyio streams have no loop turn to wait for)."""
+        await self.write(data)
 
     def pause_reading(self) -> None:
         """Make the reader wait for ``resume_reading``."""

@@ -375,7 +375,10 @@ class Connection:
                 await self._send_response(request, writer, error)
                 return
             self._started = True
-            await self._write(head)
+            if writer.has_body:
+                await self.channel.write_held(head)  # with the first chunk if it is ready
+            else:
+                await self._write(head)
             if writer.has_body:
                 async for chunk in chunks:
                     if chunk:
