@@ -532,8 +532,9 @@ _HOOKS = [
      "cloud: submit sent", False),
     ("resultity_servers.network._app", "NetworkApp", "submit", "network: submit handler",
      False),
-    # every lease goes through _lease_job: a poll's own lease pass, or a submit handing the
-    # job to the node's waiting (parked) poll
+    # every lease goes through _leased (before it, _lease_job): a poll's own lease pass, or a
+    # submit handing the job to the node's waiting (parked) poll
+    ("resultity_servers.network._jobs", "JobDesk", "_leased", "network: job leased", True),
     ("resultity_servers.network._jobs", "JobDesk", "_lease_job", "network: job leased", True),
     ("resultity_servers.node._transport", "HTTPNetworkTransport", "lease",
      "node: lease answer read", True),

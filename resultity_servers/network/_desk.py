@@ -175,18 +175,25 @@ class DeskBase:
             return
         queued = tx.list_jobs([JobState.QUEUED], unassigned=True)
         for job in queued:
-            best: NodeRecord | None = None
-            for node in nodes:
-                used = load.get(node.node_id, 0)
-                if job.model not in node.capabilities.models or used >= self._capacity(node):
-                    continue
-                if best is None or (used, node.node_id) < (load.get(best.node_id, 0),
-                                                           best.node_id):
-                    best = node
+            best = self._best_node(job.model, nodes, load)
             if best is not None:
                 tx.update_job(attrs.evolve(job, node_id=best.node_id))
                 load[best.node_id] = load.get(best.node_id, 0) + 1
                 self._woken_nodes.add(best.node_id)
+
+    def _best_node(
+        self, model: str, ready: Sequence[NodeRecord], load: Mapping[str, int]
+    ) -> NodeRecord | None:
+        """Return the least loaded of the ``ready`` nodes with ``model`` and room (ties: the
+        lowest node id), or None."""
+        best: NodeRecord | None = None
+        for node in ready:
+            used = load.get(node.node_id, 0)
+            if model not in node.capabilities.models or used >= self._capacity(node):
+                continue
+            if best is None or (used, node.node_id) < (load.get(best.node_id, 0), best.node_id):
+                best = node
+        return best
 
     def _unassign_queued(self, tx: StoreTx, node_id: str) -> bool:
         """Take back the jobs queued for a node that stopped taking work (they re-route);

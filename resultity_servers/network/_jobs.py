@@ -120,18 +120,39 @@ class JobDesk(DeskBase):
                 ledger_reserve(tx, job_id, account_id, reserved, now)
             except InsufficientCreditsError as exc:
                 raise insufficient_quota(exc.requested, exc.balance) from None
-            tx.insert_job(JobRecord(
+            job = JobRecord(
                 job_id=job_id, account_id=account_id, model=model, request=dict(request),
                 state=JobState.QUEUED, created=now, max_tokens=max_tokens,
                 prompt_tokens_estimate=prompt_tokens_estimate, price=entry.price,
                 reserved=reserved, choices=max(1, choices or n_choices(request)),
-            ))
-            self._dispatch(tx, nodes)
-            job = tx.get_job(job_id)
-            assert job is not None
-            self._streams[job_id] = JobStream(account_id)
-            if job.node_id is not None:
-                job = self._hand_to_parked(tx, job, now)
+            )
+            ready = [n for n in nodes if n.state == NodeState.READY]
+            if ready and not tx.list_jobs([JobState.QUEUED], unassigned=True, limit=1):
+                # Nothing queued ahead of it: route it, and lease it to a parked poll, before
+                # the insert, so the job is written once, as it leaves the submit.
+                parked: ParkedLease | None = None
+                lease: Lease | None = None
+                best = self._best_node(model, ready, tx.active_job_counts())
+                if best is not None:
+                    self._woken_nodes.add(best.node_id)
+                    job = attrs.evolve(job, node_id=best.node_id)
+                    parked = self._parked_with_room(best.node_id)
+                    if parked is not None:
+                        job, lease = self._leased(job, now + self.settings.job_timeout_s)
+                tx.insert_job(job)
+                self._streams[job_id] = JobStream(account_id)
+                if parked is not None and lease is not None:
+                    self._last_seen[parked.node_id] = now
+                    parked.leases.append(lease)
+            else:
+                tx.insert_job(job)
+                self._streams[job_id] = JobStream(account_id)
+                self._dispatch(tx, nodes)
+                routed = tx.get_job(job_id)
+                assert routed is not None
+                job = routed
+                if job.node_id is not None:
+                    job = self._hand_to_parked(tx, job, now)
         return job
 
     def park_lease(self, node_id: str, max_jobs: int) -> ParkedLease:
@@ -158,24 +179,34 @@ class JobDesk(DeskBase):
         leases, parked.leases = tuple(parked.leases), []
         return LeaseBatch(leases)
 
+    def _parked_with_room(self, node_id: str) -> ParkedLease | None:
+        for parked in self._parked.get(node_id, ()):
+            if len(parked.leases) < parked.max_jobs:
+                return parked
+        return None
+
     def _hand_to_parked(self, tx: StoreTx, job: JobRecord, now: float) -> JobRecord:
         """Lease a just-queued ``job`` to a parked poll of the node it was routed to, if one
         has room; returns the job as it now is."""
-        for parked in self._parked.get(job.node_id or "", ()):
-            if len(parked.leases) < parked.max_jobs:
-                self._last_seen[parked.node_id] = now
-                job, lease = self._lease_job(tx, job, now + self.settings.job_timeout_s)
-                parked.leases.append(lease)
-                break
+        parked = self._parked_with_room(job.node_id or "")
+        if parked is not None:
+            self._last_seen[parked.node_id] = now
+            job, lease = self._lease_job(tx, job, now + self.settings.job_timeout_s)
+            parked.leases.append(lease)
         return job
+
+    def _leased(self, queued: JobRecord, deadline: float) -> tuple[JobRecord, Lease]:
+        """Return ``queued`` as leased until ``deadline`` and its lease (nothing written)."""
+        job = attrs.evolve(queued, state=apply_job_action(queued.state, JobAction.LEASE),
+                           attempts=queued.attempts + 1, deadline=deadline)
+        return job, Lease(job.job_id, job.model, dict(job.request), int(deadline * 1000))
 
     def _lease_job(self, tx: StoreTx, queued: JobRecord, deadline: float) -> tuple[
             JobRecord, Lease]:
-        job = attrs.evolve(queued, state=apply_job_action(queued.state, JobAction.LEASE),
-                           attempts=queued.attempts + 1, deadline=deadline)
+        job, lease = self._leased(queued, deadline)
         tx.update_job(job)
         self._stream(job).reset()
-        return job, Lease(job.job_id, job.model, dict(job.request), int(deadline * 1000))
+        return job, lease
 
     def lease(self, node_id: str, max_jobs: int, now: float) -> LeaseBatch:
         """Lease up to ``max_jobs`` jobs assigned to a ready node; returns them (maybe none).

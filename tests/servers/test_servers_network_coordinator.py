@@ -475,6 +475,41 @@ def test_a_submitted_job_is_leased_to_a_parked_poll_in_the_submit(world: World) 
         [second, third])
 
 
+def test_a_submit_with_nothing_queued_ahead_writes_its_job_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Routed (and leased to a parked poll) before the insert: one job write, no re-read.
+    node = world.admit(max_batch=2)
+    parked = world.c.park_lease(node, 1)
+    store = world.c._store
+    calls: list[str] = []
+    for name in ("insert_job", "update_job", "get_job"):
+        original = getattr(store, name)
+
+        def spy(*args: Any, _name: str = name, _orig: Any = original) -> Any:
+            calls.append(_name)
+            return _orig(*args)
+        monkeypatch.setattr(store, name, spy)
+    leased, routed = world.submit(), world.submit()  # handed to the poll / routed only
+    assert calls == ["insert_job", "insert_job"]
+    monkeypatch.undo()
+    job = world.c.get_job(leased)
+    assert (job.state, job.attempts, job.node_id) == (JobState.LEASED, 1, node)
+    assert (world.c.get_job(routed).state, world.c.get_job(routed).node_id) == (
+        JobState.QUEUED, node)
+    assert [x.job_id for x in world.c.unpark_lease(parked).leases] == [leased]
+    # The node is full now: the next job waits unassigned, and a job submitted behind it
+    # does not overtake it when a slot frees.
+    waiting = world.submit()
+    world.now += 1  # oldest first (equal times leave the order open)
+    behind = world.submit()
+    assert world.c.get_job(waiting).node_id is None
+    world.c.post_events(node, [JobEvent(leased, 0, "done", finish_reason="stop",
+                                        usage=JobUsage(5, 0))], world.now)
+    assert world.c.get_job(waiting).node_id == node
+    assert world.c.get_job(behind).node_id is None
+
+
 def test_leases_handed_to_a_poll_that_went_away_go_back(world: World) -> None:
     node = world.admit()
     parked = world.c.park_lease(node, 4)
