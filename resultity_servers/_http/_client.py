@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import json as _json
 import select
-import socket
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal, Self
@@ -159,8 +158,10 @@ class _CoalescingStream(httpcore.AsyncNetworkStream):
         self._pending: list[bytes] = []
         self._size = 0
         self._timeout: float | None = None
+        # On asyncio this is the transport's TransportSocket, not a socket.socket: both have
+        # the fileno() that is_readable below polls.
         sock = stream.get_extra_info("socket")
-        self._sock = sock if isinstance(sock, socket.socket) else None
+        self._sock = sock if callable(getattr(sock, "fileno", None)) else None
 
     async def _flush(self) -> None:
         if self._pending:

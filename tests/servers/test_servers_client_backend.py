@@ -80,3 +80,39 @@ async def test_a_connection_the_server_closed_is_not_reused() -> None:
                 await anyio.sleep(0.05)  # the server's close reaches the client
         tg.cancel_scope.cancel()
     assert connections == 3
+
+
+async def test_the_reuse_check_polls_the_socket_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # httpcore asks "is_readable" before every reuse of a pooled connection; the wrapper
+    # answers from the descriptor (on asyncio a TransportSocket), not through anyio's extra().
+    import httpcore._backends.anyio as backend
+
+    asked: list[str] = []
+    original = backend.AnyIOStream.get_extra_info
+
+    def recording(self: object, info: str) -> object:
+        asked.append(info)
+        return original(self, info)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backend.AnyIOStream, "get_extra_info", recording)
+    connections = 0
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        async with stream:
+            while True:
+                try:
+                    await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return
+                await stream.send(_ANSWER)
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(_raw_server, handle)
+        async with HTTPClient(f"http://127.0.0.1:{port}") as client:
+            for _ in range(4):
+                assert (await client.request("GET", "/")).status == 200
+        tg.cancel_scope.cancel()
+    assert connections == 1  # reused
+    assert "is_readable" not in asked
