@@ -223,7 +223,9 @@ class Stack:
 
     def __init__(self, data_dir: Path, threads: int) -> None:
         self.data_dir = data_dir
-        argv = [sys.executable, "-c", "import sys; from resultity_servers.cli import main; "
+        # -P: no current directory on sys.path, so PYTHONPATH decides which resultity_servers
+        # runs (an old tree from ``git archive`` in a before/after run from the repository).
+        argv = [sys.executable, "-P", "-c", "import sys; from resultity_servers.cli import main; "
                 "sys.exit(main())", "demo", "--preset", "tiny", "--port", "0",
                 "--data-dir", str(data_dir), "--threads", str(threads)]
         self.log = open(data_dir / "bench-demo.log", "w")  # noqa: SIM115 - closed in stop()
