@@ -38,11 +38,11 @@ class Channel(Protocol):
         """Send ``data``; raises ClientGone if the peer is gone. Waits only when the peer
         reads slower than we write."""
 
-    async def write_held(self, data: bytes) -> None:
+    async def write_held(self, data: bytes, delay_s: float = 0.0) -> None:
         """Send ``data`` together with the next ``write`` if that comes before the event
-        loop's next turn, else on its own then (a stream's head goes out with its first
-        chunk when that is ready at once, one wake-up of the peer less, and is never held
-        for a slow one). A channel may also just send it now."""
+        loop's next turn (or within ``delay_s``), else on its own then (a stream's head goes
+        out with its first chunk when that is ready at once, one wake-up of the peer less,
+        and is not held longer for a slow one). A channel may also just send it now."""
 
     def pause_reading(self) -> None:
         """Stop receiving until ``resume_reading`` (a client pipelining too much)."""
@@ -148,14 +148,19 @@ class ProtocolChannel(asyncio.Protocol):
             if self._lost:
                 raise ClientGone
 
-    async def write_held(self, data: bytes) -> None:
-        """Hold ``data`` for the next ``write`` or the loop's next turn; raises ClientGone."""
+    async def write_held(self, data: bytes, delay_s: float = 0.0) -> None:
+        """Hold ``data`` for the next ``write``, or the loop's next turn (``delay_s`` > 0:
+        that long); raises ClientGone."""
         transport = self._transport
         if self._lost or transport is None or transport.is_closing():
             raise ClientGone
         if self._held is None:
             self._held = data
-            asyncio.get_running_loop().call_soon(self._flush_held)
+            loop = asyncio.get_running_loop()
+            if delay_s > 0:
+                loop.call_later(delay_s, self._flush_held)
+            else:
+                loop.call_soon(self._flush_held)
         else:
             self._held += data
 
@@ -255,7 +260,7 @@ class StreamChannel:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             raise ClientGone from exc
 
-    async def write_held(self, data: bytes) -> None:
+    async def write_held(self, data: bytes, delay_s: float = 0.0) -> None:
         """Send ``data`` now (anyio streams have no loop turn to wait for)."""
         await self.write(data)
 

@@ -376,7 +376,8 @@ class Connection:
                 return
             self._started = True
             if writer.has_body:
-                await self.channel.write_held(head)  # with the first chunk if it is ready
+                # with the first chunk if that is ready (within hold_head_s)
+                await self.channel.write_held(head, response.hold_head_s)
             else:
                 await self._write(head)
             if writer.has_body:

@@ -118,12 +118,15 @@ class StreamingResponse:
     """A response whose body is produced chunk by chunk and sent with chunked encoding.
 
     Empty chunks are skipped. If ``chunks`` is an async generator the server closes it when the
-    response ends, fails, or the client disconnects.
+    response ends, fails, or the client disconnects. The head goes out with the first chunk
+    when that is ready at once, else on its own; ``hold_head_s`` lets it wait that long for
+    the first chunk (for a peer that needs nothing before it, on a busy event loop).
     """
 
     chunks: AsyncIterable[bytes]
     status: int = 200
     headers: HeaderList = attrs.field(default=(), converter=_headers)
+    hold_head_s: float = 0.0
 
     @classmethod
     def sse(
@@ -131,6 +134,8 @@ class StreamingResponse:
         events: AsyncIterable[bytes],
         status: int = 200,
         headers: Iterable[tuple[str, str]] | Mapping[str, str] = (),
+        *,
+        hold_head_s: float = 0.0,
     ) -> StreamingResponse:
         """Return a Server-Sent Events response; each chunk is one or more encoded events."""
         base = (
@@ -138,7 +143,7 @@ class StreamingResponse:
             ("cache-control", "no-cache"),
             ("x-accel-buffering", "no"),
         )
-        return cls(events, status, (*base, *_headers(headers)))
+        return cls(events, status, (*base, *_headers(headers)), hold_head_s)
 
 
 Handler = Callable[[Request], Awaitable[Response | StreamingResponse]]

@@ -43,6 +43,10 @@ JOB_ID_HEADER = "x-job-id"
 
 log = logging.getLogger("resultity.network")
 
+# How long the head of a streamed submit handed straight to a node waits for the first event:
+# longer than the node takes to start the job, far shorter than a first token.
+_LEASED_HEAD_HOLD_S = 0.002
+
 
 class CloudRoutes:
     """Handlers of the Cloud and operator routes; mixed into ``NetworkApp``."""
@@ -128,15 +132,20 @@ class CloudRoutes:
             reserve=None if reserve is None else int_field(body, "reserve"),
             choices=None if choices is None else int_field(body, "choices"),
         )
+        hold = 0.0
         if job.state == JobState.LEASED:
             # Handed to the node's waiting lease poll: let it answer the node before this
             # answers the Cloud (on a loop shared with them, the lease is on the path to the
             # first token; the Cloud's answer is not, it only needs it before that token).
+            # The streamed answer's head also waits a little for the first event, so the
+            # Cloud does not read it while the node starts the job.
             self.wake()
             await anyio.sleep(0)
+            hold = _LEASED_HEAD_HOLD_S
         if stream:
             return StreamingResponse.sse(self._event_stream(job.job_id, 0),
-                                         headers={JOB_ID_HEADER: job.job_id})
+                                         headers={JOB_ID_HEADER: job.job_id},
+                                         hold_head_s=hold)
         return Response.json(job_json(job))
 
     async def job(self, request: Request) -> Reply:

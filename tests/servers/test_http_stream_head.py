@@ -77,6 +77,18 @@ async def test_held_data_goes_alone_at_the_next_turn() -> None:
     assert transport.writes == [b"HEAD", b"chunk"]
 
 
+async def test_held_data_may_wait_for_a_set_delay() -> None:
+    channel, transport = _channel()
+    await channel.write_held(b"HEAD", 0.05)
+    await asyncio.sleep(0.01)
+    assert transport.writes == []  # not at the next turn: within the delay
+    await asyncio.sleep(0.1)
+    assert transport.writes == [b"HEAD"]  # not longer than the delay
+    await channel.write_held(b"HEAD2", 0.05)
+    await channel.write(b"chunk")
+    assert transport.writes == [b"HEAD", b"HEAD2chunk"]
+
+
 async def test_close_sends_held_data_first() -> None:
     channel, transport = _channel()
     await channel.write_held(b"HEAD")
@@ -131,6 +143,31 @@ async def test_server_sends_head_and_ready_first_chunk_in_one_write(
             raw.h11.start_next_cycle()
             await raw.request("GET", "/slow")
             assert (await raw.next_event()).status_code == 200
+            gate.set()
+            assert (await raw.next_event()).data == b"data: first\n\n"
+            await raw.aclose()
+
+
+async def test_a_held_head_waits_for_a_first_chunk_within_hold_head_s() -> None:
+    gate = anyio.Event()
+
+    async def held(request: Request) -> StreamingResponse:
+        async def gen() -> AsyncIterator[bytes]:
+            await gate.wait()
+            yield b"data: first\n\n"
+
+        return StreamingResponse.sse(gen(), hold_head_s=float(request.query or "0"))
+
+    with anyio.fail_after(5):
+        async with server_for(held) as server:
+            raw = await Raw.connect(server)
+            await raw.request("GET", "/?0.05")
+            with anyio.move_on_after(0.02) as early:
+                await raw.next_event()
+            assert early.cancelled_caught  # nothing yet: the head waits for the chunk
+            started = anyio.current_time()
+            assert (await raw.next_event()).status_code == 200  # then comes alone
+            assert anyio.current_time() - started < 1.0
             gate.set()
             assert (await raw.next_event()).data == b"data: first\n\n"
             await raw.aclose()

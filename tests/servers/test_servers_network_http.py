@@ -236,6 +236,36 @@ async def test_a_waiting_lease_poll_takes_a_submitted_job_without_a_lease_pass()
         assert coordinator._parked == {}
 
 
+async def test_a_streamed_submit_handed_to_a_waiting_poll_answers_before_any_event() -> None:
+    # The head of such an answer waits a little for the first event (the node is starting
+    # the job), but not for an event that does not come.
+    async with deployment(tick_interval_s=60.0) as d, HTTPClient(d.server.url) as http:
+        node = ScriptedNode(http, generate_key())
+        await node.admit(d.owner, d.config_hash)
+        service = {"authorization": f"Bearer {SERVICE}"}
+        leases: list[dict[str, Any]] = []
+
+        async def poll() -> None:
+            leases.extend(await node.lease(5_000))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poll)
+            await anyio.sleep(0.1)  # the poll found nothing and waits
+            job = {"account_id": "alice", "model": "tiny", "max_tokens": 4, "stream": True,
+                   "request": {"kind": "completion", "prompt": "hi"}}
+            with anyio.fail_after(1):
+                async with http.stream("POST", "/network/v1/jobs", json=job,
+                                       headers=service) as r:
+                    assert r.status == 200
+                    job_id = r.header("x-job-id")
+                    assert job_id is not None
+                    assert str(d.app.coordinator.get_job(job_id).state) == "leased"
+                    await node.run(leases[0], ["Hel", "lo"], receipt=False)
+                    got = [sse.data async for sse in r.aiter_sse()]
+        assert [x["job_id"] for x in leases] == [job_id]
+        assert [json.loads(x)["kind"] for x in got[:-1]] == ["token", "token", "done"]
+
+
 async def test_finished_job_streams_leave_no_waiters_and_ends_route_the_queue() -> None:
     # Regressions: each job's event stream left its waiter in the app's map for good; an
     # event ending a job did not route the queue, so the node's waiting long poll got the
