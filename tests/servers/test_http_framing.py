@@ -29,11 +29,6 @@ from resultity_servers._http import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(params=["protocol", "stream"], autouse=True)
 def channel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setattr(HTTPServer, "_asyncio_protocol", request.param == "protocol")

@@ -35,11 +35,6 @@ from resultity_servers._http import HTTPServer
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(autouse=True)
 def _stream_channel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(HTTPServer, "_asyncio_protocol", False)

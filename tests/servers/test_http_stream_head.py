@@ -21,11 +21,6 @@ from resultity_servers._http._channels import ProtocolChannel
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class _Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()

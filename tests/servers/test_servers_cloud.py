@@ -36,11 +36,6 @@ KEY = "sk-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @asynccontextmanager
 async def cloud(
     network: FakeNetwork | None = None, **settings: Any

@@ -53,11 +53,6 @@ TOKEN = "service-token"
 KEY = "rk-user-key"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def wire_payload(job_id: str, seq: int, event: Any) -> dict[str, Any]:
     if isinstance(event, TokenEvent):
         lps = None

@@ -45,11 +45,6 @@ pytestmark = pytest.mark.anyio
 TOKEN = "cloud-service-token"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Node:
     """One admitted node, driven through the coordinator: answers every job with words."""
 

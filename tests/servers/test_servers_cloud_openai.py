@@ -20,11 +20,6 @@ KEY = "sk-openai-e2e"
 T = TypeVar("T")
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def with_client(
     check: Callable[[openai.OpenAI, FakeNetwork], T], network: FakeNetwork | None = None
 ) -> T:

@@ -32,11 +32,6 @@ pytestmark = pytest.mark.anyio
 FAST = {"header_timeout_s": 2.0, "idle_timeout_s": 2.0, "body_timeout_s": 2.0}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 _OPEN: list[Raw] = []
 
 

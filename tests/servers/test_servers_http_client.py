@@ -26,11 +26,6 @@ from resultity_servers._http import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _router(state: dict[str, Any]) -> Router:
     router = Router()
 

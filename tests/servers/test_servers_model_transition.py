@@ -16,11 +16,6 @@ from resultity_servers.node import model_entry_for_dir
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_a_new_model_version_takes_new_jobs_while_the_old_drains(tmp_path: Path) -> None:
     world = make_world(tmp_path)
     (world.data / "models" / "echo" / "2").mkdir()

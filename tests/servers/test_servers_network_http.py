@@ -61,11 +61,6 @@ pytestmark = pytest.mark.anyio
 SERVICE = "svc-token-for-tests"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class ScriptedNode:
     """A node Agent reduced to its HTTP conversation with the Network."""
 

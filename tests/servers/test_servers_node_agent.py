@@ -58,11 +58,6 @@ FAKE = Path(__file__).with_name("test_servers_node_fakeruntime.py")
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class FakeNetwork:
     """An in-memory NetworkTransport that records what the Agent sends."""
 

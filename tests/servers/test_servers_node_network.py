@@ -39,11 +39,6 @@ FAKE = Path(__file__).with_name("test_servers_node_fakeruntime.py")
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
     with anyio.fail_after(timeout):
         while not condition():

@@ -14,11 +14,6 @@ from resultity_servers.node._outbox import Outbox
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Recorder:
     """A transport that records what it is sent; ``post_events`` may take a while."""
 

@@ -28,11 +28,6 @@ FAKE = Path(__file__).with_name("test_servers_node_fakeruntime.py")
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def fake_spec(tmp_path: Path, mode: str, **kw: object) -> RuntimeSpec:
     options: dict[str, object] = {
         "health_interval_s": 0.2, "health_timeout_s": 0.5, "backoff_initial_s": 0.05,

@@ -72,11 +72,6 @@ PROBE = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_a_compromised_runtime_cannot_reach_the_network_or_the_keys(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     now = int(time.time())

@@ -40,11 +40,6 @@ WHEEL = "resultity-9.9.9-py3-none-any.whl"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def world(tmp_path: Path) -> World:
     return make_world(tmp_path)
 

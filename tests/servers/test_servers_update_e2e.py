@@ -32,11 +32,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 WRAPPER = Path(__file__).with_name("test_servers_sandbox_badruntime.py")
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("wheels")

@@ -19,11 +19,6 @@ BAD = Path(__file__).with_name("test_servers_sandbox_badruntime.py")
 VERSION = "0.9.3"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def release_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The wheel, and a runtimes/ directory with it installed (copied into each node)."""
