@@ -8,8 +8,9 @@ One run prints one table with three parts, on the ``tiny`` model:
 2. ``--clients`` concurrent streaming clients for ``--duration`` seconds: errors, tokens/s,
    p50/p99 request latency and TTFT, RSS of every server process before and after;
 3. requests/s of ``GET /v1/models`` on our HTTP layer against uvicorn serving an equivalent
-   minimal ASGI app (same load generator, in this process, servers in child processes; server
-   CPU per request is printed too, as the client may saturate first on a small machine), and
+   minimal ASGI app (benchmarks/http_rps.py's servers, in child processes, and its load
+   generator; server CPU per request is printed too, as the client may saturate first on a
+   small machine), and
    the Cloud's own ``/v1/models`` (auth and model cache) for reference.
 
 The stack is ``resultity demo --preset tiny --port 0`` started as a subprocess: one process
@@ -50,12 +51,11 @@ from typing import Any
 import anyio
 import anyio.abc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import http_rps  # the minimal GET /v1/models servers and their load (benchmarks/http_rps.py)
+
 PROMPT = "What does the Network do in Resultity?"
 MESSAGES = [{"role": "user", "content": PROMPT}]
-MODELS = {
-    "object": "list",
-    "data": [{"id": "tiny", "object": "model", "created": 0, "owned_by": "resultity"}],
-}
 _CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -631,47 +631,6 @@ async def breakdown(requests: int, max_tokens: int, threads: int, data_dir: Path
 # --- GET /v1/models requests/s -----------------------------------------------------------------
 
 
-def serve_resultity() -> None:
-    from resultity_servers._http import HTTPServer, Request, Response, Router, ServerConfig
-
-    router = Router()
-
-    @router.route("GET", "/v1/models")
-    async def models(request: Request) -> Response:
-        return Response.json(MODELS)
-
-    async def main() -> None:
-        server = HTTPServer(router, ServerConfig(max_connections=10_000))
-        async with anyio.create_task_group() as tg:
-            print(await tg.start(server.serve), flush=True)
-
-    anyio.run(main)
-
-
-def serve_uvicorn() -> None:
-    import socket
-
-    import uvicorn
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = json.dumps(MODELS, ensure_ascii=False, separators=(",", ":")).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
-
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP
-    # (a plain socket.socket() has proto 0, and its responses would wait for delayed ACKs).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
-    print(sock.getsockname()[1], flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, http="h11",
-                            lifespan="off")
-    uvicorn.Server(config).run(sockets=[sock])
-
-
 async def rps_load(port: int, clients: int, seconds: float, pid: int, *,
                    path: str = "/v1/models", headers: str = "") -> dict[str, float]:
     """Drive ``clients`` keep-alive connections sending GET ``path`` for ``seconds``."""
@@ -708,18 +667,6 @@ async def rps_load(port: int, clients: int, seconds: float, pid: int, *,
             "client_cpu_us": 1e6 * (time.process_time() - own0) / n,
         }
     return result
-
-
-def measure_rps(kind: str, clients: int, seconds: float) -> dict[str, float]:
-    child = subprocess.Popen([sys.executable, __file__, "--serve", kind], stdout=subprocess.PIPE,
-                             text=True)
-    try:
-        assert child.stdout is not None
-        port = int(child.stdout.readline())
-        return anyio.run(rps_load, port, clients, seconds, child.pid)
-    finally:
-        child.terminate()
-        child.wait(10)
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -771,18 +718,11 @@ def main() -> int:
                         help="run the Network, the Cloud and the node's Agent each in its own "
                         "process (as separate 'resultity ... serve' deployments do) instead of "
                         "the demo's one process")
-    parser.add_argument("--serve", choices=["resultity", "uvicorn"], help=argparse.SUPPRESS)
     parser.add_argument("--serve-part", choices=["network", "cloud", "node"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_part:
         serve_part(args.serve_part, Path(args.data_dir), args.threads)
-        return 0
-    if args.serve == "resultity":
-        serve_resultity()
-        return 0
-    if args.serve == "uvicorn":
-        serve_uvicorn()
         return 0
     skip = set(filter(None, args.skip.split(",")))
     if args.breakdown:
@@ -852,7 +792,7 @@ def main() -> int:
                 print("uvicorn: not installed, comparison skipped (pip install uvicorn, or "
                       "pip install -e '.[bench]')")
                 continue
-            r = measure_rps(kind, args.rps_clients, args.rps_seconds)
+            r = http_rps.measure(kind, args.rps_clients, args.rps_seconds)
             results[kind] = r
             _row(f"{kind} minimal GET /v1/models, {args.rps_clients} conns: req/s",
                  f"{r['rps']:.0f}")
