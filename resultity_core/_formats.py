@@ -47,7 +47,6 @@ __all__ = [
 BACKENDS = ("auto", "torch", "triton")
 RUNTIME_DTYPES = ("auto", "float32", "bfloat16", "float16")
 RUNTIME_QUANTIZATIONS = ("none", "int4")
-_RUNTIME_DEFAULTS = {"dtype": "auto", "quantization": "none"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]*")
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -188,6 +187,11 @@ class RuntimeParams:
         )
         f.done()
         return out
+
+
+# the fields added after the first format, with their defaults (left out of payloads)
+_RUNTIME_DEFAULTS = {a.name: a.default for a in attrs.fields(RuntimeParams)
+                     if a.default is not attrs.NOTHING}
 
 
 @attrs.frozen

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from resultity_core import RUNTIME_DTYPES, RUNTIME_QUANTIZATIONS
+
 from ._common import CLIError, add_command_group
 
 __all__ = ["register"]
@@ -24,8 +26,6 @@ trained on questions about Resultity that ships with the runtime (what `resultit
 `run` loads any such directory in this process and streams a reply: a quick check that a
 model loads and answers, and of what dtype and quantization do to its speed.
 """
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_QUANTIZATIONS = ("none", "int4")
 
 
 def register(subparsers: Any) -> None:
@@ -66,10 +66,10 @@ def register(subparsers: Any) -> None:
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1)")
     run.add_argument("--seed", type=int, default=None, help="seed of a sampled reply")
     run.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    run.add_argument("--dtype", choices=_DTYPES, default="auto",
+    run.add_argument("--dtype", choices=RUNTIME_DTYPES, default="auto",
                      help="auto: float32 on CPU, the checkpoint's half type on CUDA; bfloat16 "
                      "is faster on CPUs with AVX512-BF16/AMX")
-    run.add_argument("--quantization", choices=_QUANTIZATIONS, default="none",
+    run.add_argument("--quantization", choices=RUNTIME_QUANTIZATIONS, default="none",
                      help="int4: 4-bit weights (CPU, bfloat16), the fastest decode, outputs "
                      "close to but not exactly the checkpoint's")
     run.add_argument("--threads", type=int, default=0,
