@@ -245,10 +245,14 @@ class RuntimeSupervisor:
             stderr = spec.log_path.open("ab")
         self._got_ready, self._loaded = anyio.Event(), anyio.Event()
         try:
-            proc = await anyio.open_process(
-                spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                cwd=spec.workdir, env=env, start_new_session=True,
-            )
+            # Shielded: a cancellation inside the spawn (a node shutting down while a Runtime
+            # starts) could leave the child running with nobody to stop it; once spawned, the
+            # try/finally below stops it.
+            with anyio.CancelScope(shield=True):
+                proc = await anyio.open_process(
+                    spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                    cwd=spec.workdir, env=env, start_new_session=True,
+                )
         except OSError as exc:
             self.last_error = f"cannot start the runtime: {exc}"
             return
