@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,3 +26,12 @@ def network_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
         yield store
     finally:
         store.close()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_the_test() -> Iterator[None]:
+    """Collect garbage at the end of every servers test, so that an object a test leaks
+    (a Runtime child's process or pipe transport, a socket) warns in that test's teardown,
+    naming it, instead of in whichever later test the collector happens to run."""
+    yield
+    gc.collect()
