@@ -199,6 +199,21 @@ async def test_cloud_to_node_round_trip_and_settlement() -> None:
             await cloud.aclose()
 
 
+@asynccontextmanager
+async def _parked_poll(node: ScriptedNode) -> AsyncIterator[list[dict[str, Any]]]:
+    """Start a lease long poll of ``node`` and let it find nothing and wait; yield the list
+    its leases go to (filled when the poll answers, at the end of the block at the latest)."""
+    leases: list[dict[str, Any]] = []
+
+    async def poll() -> None:
+        leases.extend(await node.lease(5_000))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(poll)
+        await anyio.sleep(0.1)  # the poll found nothing and waits
+        yield leases
+
+
 async def test_a_waiting_lease_poll_takes_a_submitted_job_without_a_lease_pass() -> None:
     async with deployment(tick_interval_s=60.0) as d, HTTPClient(d.server.url) as http:
         node = ScriptedNode(http, generate_key())
@@ -213,14 +228,7 @@ async def test_a_waiting_lease_poll_takes_a_submitted_job_without_a_lease_pass()
 
         coordinator.lease = counted  # type: ignore[method-assign]
         service = {"authorization": f"Bearer {SERVICE}"}
-        leases: list[dict[str, Any]] = []
-
-        async def poll() -> None:
-            leases.extend(await node.lease(5_000))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(poll)
-            await anyio.sleep(0.1)  # the poll found nothing and waits
+        async with _parked_poll(node) as leases:
             assert passes == [node.node_id]
             job = await http.post_json("/network/v1/jobs", {
                 "account_id": "alice", "model": "tiny", "max_tokens": 4,
@@ -238,14 +246,7 @@ async def test_a_streamed_submit_handed_to_a_waiting_poll_answers_before_any_eve
         node = ScriptedNode(http, generate_key())
         await node.admit(d.owner, d.config_hash)
         service = {"authorization": f"Bearer {SERVICE}"}
-        leases: list[dict[str, Any]] = []
-
-        async def poll() -> None:
-            leases.extend(await node.lease(5_000))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(poll)
-            await anyio.sleep(0.1)  # the poll found nothing and waits
+        async with _parked_poll(node) as leases:
             job = {"account_id": "alice", "model": "tiny", "max_tokens": 4, "stream": True,
                    "request": {"kind": "completion", "prompt": "hi"}}
             with anyio.fail_after(1):
